@@ -1,0 +1,338 @@
+"""The layer plan: the one place where `drop`, `keep`, `drop_attn`, `drop_mlp`, `insert` and
+`preset` are parsed and validated, so the lm-eval plugin and the `surgery` CLI build the very
+same stack of blocks.
+
+Parsing (`PlanSpec.from_args`) needs no model and catches syntax errors; resolving against a
+depth (`PlanSpec.resolve`) needs only the layer count from the config, so every bad plan is
+refused before any weight is loaded. Indices are 0-based on the *original* model, ranges are
+inclusive and negative indices count from the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+INITS = ("copy", "avg", "copy-zero", "avg-zero")
+_SEPARATORS = re.compile(r"[,;\s]+")
+_INDEX_OR_RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
+
+
+class PlanError(ValueError):
+    """A layer plan that cannot be built; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One block of the resulting stack.
+
+    An original block has one source and `synthesized=False`: it shares the original weights.
+    A synthesised block is a copy of `sources[0]` or the elementwise mean of its two sources;
+    `zero_out` zeroes every residual-branch output projection, which makes it the identity.
+    """
+
+    sources: tuple[int, ...]
+    synthesized: bool = False
+    zero_out: bool = False
+    drop_attn: bool = False
+    drop_mlp: bool = False
+
+    @property
+    def source(self) -> int:
+        return self.sources[0]
+
+    @property
+    def init(self) -> str | None:
+        """The insert recipe in plan syntax (`avg-zero`, …), None for an original block."""
+        if not self.synthesized:
+            return None
+        base = "avg" if len(self.sources) == 2 else "copy"
+        return f"{base}-zero" if self.zero_out else base
+
+    def describe(self) -> str:
+        if self.synthesized:
+            return f"{self.init}({','.join(map(str, self.sources))})"
+        halves = [name for name, gone in (("attn", self.drop_attn), ("mlp", self.drop_mlp)) if gone]
+        return f"{self.source}" + (f" without {'+'.join(halves)}" if halves else "")
+
+
+@dataclass(frozen=True)
+class Insert:
+    after: int
+    init: str
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A validated plan for a model of `num_layers` blocks: the ordered slots of the variant."""
+
+    num_layers: int
+    slots: tuple[Slot, ...]
+
+    @classmethod
+    def identity(cls, num_layers: int) -> LayerPlan:
+        return cls(num_layers, tuple(Slot((i,)) for i in range(num_layers)))
+
+    @property
+    def is_identity(self) -> bool:
+        return self == LayerPlan.identity(self.num_layers)
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        kept = {s.source for s in self.slots if not s.synthesized}
+        return tuple(i for i in range(self.num_layers) if i not in kept)
+
+    @property
+    def new_slots(self) -> tuple[int, ...]:
+        """Positions (in the variant) of synthesised blocks: the ones to train after expansion."""
+        return tuple(k for k, s in enumerate(self.slots) if s.synthesized)
+
+    def describe(self) -> str:
+        """The plan in words, for logs, tables and model cards."""
+        parts = []
+        if self.dropped:
+            parts.append(f"drop blocks {format_indices(self.dropped)}")
+        for name, attr in (("attention", "drop_attn"), ("MLP", "drop_mlp")):
+            hit = [s.source for s in self.slots if getattr(s, attr)]
+            if hit:
+                parts.append(f"remove the {name} branch of blocks {format_indices(hit)}")
+        inserted = [f"{s.describe()} at position {k}" for k, s in enumerate(self.slots) if s.synthesized]
+        if inserted:
+            parts.append("insert " + ", ".join(inserted))
+        body = "; ".join(parts) if parts else "unchanged"
+        return f"{self.num_layers} -> {len(self.slots)} blocks: {body}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "slots": [asdict(s) for s in self.slots]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        slots = tuple(
+            Slot(**{**s, "sources": tuple(s["sources"])}) for s in data["slots"]
+        )
+        return cls(int(data["num_layers"]), slots)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def format_indices(indices: Iterable[int]) -> str:
+    """`[1,2,3,7]` -> `1-3,7`: compact and in the plan's own syntax."""
+    out: list[str] = []
+    run: list[int] = []
+    for i in sorted(set(indices)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [i]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing (no model needed)
+
+Range = tuple[int, int]
+
+
+def _items(name: str, value: Any) -> list[str]:
+    """Flatten a model_args value (int, float, string, list) into index/range tokens."""
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        raise PlanError(f"{name}={value!r} is not a block index; give indices like {name}=3 or {name}=24-27")
+    if isinstance(value, (list, tuple)):
+        return [tok for v in value for tok in _items(name, v)]
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise PlanError(f"{name}={value} is not a whole block index; give indices like {name}=3")
+        return [str(int(value))]
+    if isinstance(value, int):
+        return [str(value)]
+    if isinstance(value, str):
+        text = value.strip().strip("[]").strip().strip("'\"")
+        return [tok for tok in _SEPARATORS.split(text) if tok]
+    raise PlanError(f"{name}={value!r} has an unsupported type; give indices like {name}=3,5-7")
+
+
+def _parse_ranges(name: str, value: Any) -> tuple[Range, ...]:
+    ranges = []
+    for tok in _items(name, value):
+        m = _INDEX_OR_RANGE.match(tok.strip("'\""))
+        if not m:
+            raise PlanError(
+                f"{name}: cannot read {tok!r}; use indices and inclusive ranges like "
+                f"{name}=3, {name}=24-27, {name}=-2 or {name}=3;5-7"
+            )
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) is not None else start
+        ranges.append((start, end))
+    return tuple(ranges)
+
+
+def _parse_inserts(value: Any) -> tuple[tuple[int, str], ...]:
+    tokens: list[str] = []
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise PlanError(f"insert={v!r}: each insert is POS:INIT, e.g. insert=3:copy or insert=1:avg-zero;5:copy-zero")
+        tokens += [t for t in _SEPARATORS.split(v.strip().strip("[]")) if t]
+    inserts = []
+    for tok in tokens:
+        tok = tok.strip("'\"")
+        pos, sep, init = tok.rpartition(":")
+        if not sep or not re.fullmatch(r"-?\d+", pos):
+            raise PlanError(f"insert: cannot read {tok!r}; write POS:INIT, e.g. insert=3:copy or insert=1:avg-zero;5:copy-zero")
+        if init not in INITS:
+            raise PlanError(f"insert: unknown init {init!r} in {tok!r}; use one of {', '.join(INITS)}")
+        inserts.append((int(pos), init))
+    return tuple(inserts)
+
+
+def _parse_preset(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    text = str(value).strip().lower()
+    if text == "slayer":
+        return text
+    m = re.fullmatch(r"llama-pro:(\d+)", text)
+    if m and int(m.group(1)) > 0:
+        return text
+    raise PlanError(f"preset: unknown preset {value!r}; use preset=slayer or preset=llama-pro:K with K a positive number of blocks")
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What the user asked for, parsed but not yet checked against a model's depth."""
+
+    drop: tuple[Range, ...] = ()
+    keep: tuple[Range, ...] | None = None
+    drop_attn: tuple[Range, ...] = ()
+    drop_mlp: tuple[Range, ...] = ()
+    insert: tuple[tuple[int, str], ...] = ()
+    preset: str | None = None
+
+    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset")
+
+    @classmethod
+    def from_args(
+        cls,
+        drop: Any = None,
+        keep: Any = None,
+        drop_attn: Any = None,
+        drop_mlp: Any = None,
+        insert: Any = None,
+        preset: Any = None,
+    ) -> PlanSpec:
+        if drop is not None and keep is not None:
+            raise PlanError("drop and keep are exclusive: give the blocks to remove (drop=) or the ones to keep (keep=), not both")
+        keep_ranges = _parse_ranges("keep", keep) if keep is not None else None
+        if keep is not None and not keep_ranges:
+            raise PlanError("keep is empty: a model needs at least one block; list the blocks to keep, e.g. keep=0-11")
+        return cls(
+            drop=_parse_ranges("drop", drop),
+            keep=keep_ranges,
+            drop_attn=_parse_ranges("drop_attn", drop_attn),
+            drop_mlp=_parse_ranges("drop_mlp", drop_mlp),
+            insert=_parse_inserts(insert),
+            preset=_parse_preset(preset),
+        )
+
+    @property
+    def is_empty(self) -> bool:
+        return self == PlanSpec()
+
+    # -----------------------------------------------------------------------------------------
+    # resolving against a depth
+
+    def resolve(self, num_layers: int) -> LayerPlan:
+        """Check the plan against a model with `num_layers` blocks and build its slots."""
+        n = num_layers
+        preset_drops, inserts = self._preset(n)
+        if self.keep is not None:
+            keep = _resolve("keep", self.keep, n)
+            drops = sorted(set(range(n)) - set(keep))
+        else:
+            drops = _resolve("drop", self.drop, n)
+        drops = sorted(set(drops) | set(preset_drops))
+        if len(drops) == n:
+            raise PlanError(f"the plan drops all {n} blocks; keep at least one block")
+        attn = _resolve("drop_attn", self.drop_attn, n)
+        mlp = _resolve("drop_mlp", self.drop_mlp, n)
+        for name, half in (("drop_attn", attn), ("drop_mlp", mlp)):
+            both = sorted(set(half) & set(drops))
+            if both:
+                raise PlanError(
+                    f"{name}: block(s) {format_indices(both)} are dropped whole already; "
+                    f"remove them from {name} or from drop"
+                )
+        for raw_pos, init in self.insert:
+            pos = _resolve_index("insert", raw_pos, n)
+            if init.startswith("avg") and pos + 1 >= n:
+                raise PlanError(
+                    f"insert {raw_pos}:{init} averages blocks {pos} and {pos + 1}, but block {pos} is the "
+                    f"last one; use {init.replace('avg', 'copy')} or an earlier position"
+                )
+            inserts.append((pos, init))
+
+        by_position: dict[int, list[str]] = {}
+        for pos, init in inserts:
+            by_position.setdefault(pos, []).append(init)
+        slots: list[Slot] = []
+        for i in range(n):
+            if i not in drops:
+                slots.append(Slot((i,), drop_attn=i in attn, drop_mlp=i in mlp))
+            for init in by_position.get(i, []):
+                sources = (i, i + 1) if init.startswith("avg") else (i,)
+                slots.append(Slot(sources, synthesized=True, zero_out=init.endswith("-zero")))
+        return LayerPlan(n, tuple(slots))
+
+    def _preset(self, n: int) -> tuple[list[int], list[tuple[int, str]]]:
+        """Drops and inserts of a preset, scaled to depth n (DESIGN.md 3.6)."""
+        if self.preset is None:
+            return [], []
+        if self.preset == "slayer":
+            # Llama SLayer's S strategy: an avg-zero block after every odd block of the first
+            # half, and the last L/16 blocks removed (32 -> 38 for Llama-2-7B).
+            n_drop = max(1, round(n / 16))
+            inserts = [(i, "avg-zero") for i in range(1, n // 2, 2)]
+            if n < 4 or not inserts:
+                raise PlanError(f"preset=slayer needs a model with at least 4 blocks; this one has {n}")
+            return list(range(n - n_drop, n)), inserts
+        k = int(self.preset.split(":")[1])
+        if k > n:
+            raise PlanError(f"preset={self.preset} inserts {k} blocks but the model has only {n}; use K <= {n}")
+        # LLaMA-Pro: one function-preserving copy after every (L/K)-th block.
+        return [], [((j + 1) * n // k - 1, "copy-zero") for j in range(k)]
+
+
+def _resolve_index(name: str, i: int, n: int) -> int:
+    if not -n <= i < n:
+        raise PlanError(
+            f"{name}: block {i} is out of range for a model with {n} blocks; use 0..{n - 1} or -{n}..-1"
+        )
+    return i % n
+
+
+def _resolve(name: str, ranges: tuple[Range, ...], n: int) -> list[int]:
+    seen: list[int] = []
+    for start, end in ranges:
+        a, b = _resolve_index(name, start, n), _resolve_index(name, end, n)
+        if a > b:
+            raise PlanError(f"{name}: range {start}-{end} is empty (start after end); write it as low-high, e.g. {name}={min(a, b)}-{max(a, b)}")
+        for i in range(a, b + 1):
+            if i in seen:
+                raise PlanError(f"{name}: block {i} is listed twice; list each block once")
+            seen.append(i)
+    return sorted(seen)
+
+
+def plan_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the plan's arguments out of a model_args dict (the rest goes to lm-eval's `hf`)."""
+    return {name: kwargs.pop(name) for name in PlanSpec.ARGS if name in kwargs}

@@ -1,0 +1,30 @@
+"""How a synthesised block's tensors are made from the original ones.
+
+Shared by the in-memory variant and the checkpoint writer, so a block built in memory and the
+same block written to disk are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lm_eval_layers.arch import Layout
+from lm_eval_layers.plan import Slot
+
+
+def is_output_projection(layout: Layout, name: str) -> bool:
+    """Is `name` (relative to a block, e.g. `mlp.down_proj.weight`) a residual-branch output?"""
+    return any(name.startswith(proj + ".") for proj in layout.out_projections)
+
+
+def synthesize(layout: Layout, slot: Slot, name: str, sources: list[torch.Tensor]) -> torch.Tensor:
+    """Tensor `name` of a synthesised block, given that tensor of each of the slot's sources."""
+    if slot.zero_out and is_output_projection(layout, name):
+        return torch.zeros_like(sources[0])
+    if len(sources) == 1:
+        return sources[0]
+    a, b = sources
+    if not a.is_floating_point():
+        return a
+    # Mean in fp32, rounded once to the storage dtype: the same bits on CPU, CUDA and on disk.
+    return ((a.float() + b.float()) / 2).to(a.dtype)

@@ -1,0 +1,144 @@
+"""Apply a layer plan to a loaded model in place, and undo it.
+
+Every slot gets its own module object (so each attention has its own `layer_idx` and KV-cache
+entry), but original blocks share the original parameters and buffers: applying a plan copies
+no weights. Only synthesised `avg` blocks and zeroed output projections own new tensors.
+The original `nn.ModuleList` and config values are kept and put back by `Variant.restore()`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_eval_layers.arch import Layout, layer_config_updates, layout_for, text_config
+from lm_eval_layers.plan import LayerPlan, PlanError, Slot
+from lm_eval_layers.recipes import synthesize
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class SkippedAttention(nn.Module):
+    """A removed attention branch: adds nothing to the residual stream and computes nothing.
+
+    It still records the tokens in its KV-cache entry (with zero-width keys), because
+    transformers reads the past length from cache layer 0 when generating.
+    """
+
+    def __init__(self, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is not None and hasattr(cache, "update"):
+            batch, length = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(batch, 1, length, 0)
+            cache.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedMLP(nn.Module):
+    """A removed MLP branch: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def clone_structure(module: nn.Module, replace: dict[int, Any] | None = None) -> nn.Module:
+    """A new module tree sharing every tensor and config of `module` (or `replace`'s stand-ins)."""
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for value in sub.__dict__.values():
+            if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a transformers config
+                memo[id(value)] = value
+    for tensor in (*module.parameters(), *module.buffers()):
+        memo[id(tensor)] = tensor
+    memo.update(replace or {})
+    return copy.deepcopy(module, memo)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A clone of a whole model with its own module tree and config, sharing every tensor."""
+    config = copy.deepcopy(model.config)
+    return clone_structure(
+        model, {id(model.config): config, id(text_config(model.config)): text_config(config)}
+    )
+
+
+def _set_layer_idx(module: nn.Module, idx: int) -> None:
+    for sub in module.modules():
+        if isinstance(getattr(sub, "layer_idx", None), int):
+            sub.layer_idx = idx
+
+
+def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int) -> nn.Module:
+    """The module for one slot: a structural clone of its source, with shared or new tensors."""
+    source = blocks[slot.source]
+    replace: dict[int, Any] = {}
+    if slot.synthesized:
+        others = [dict(blocks[j].named_parameters()) for j in slot.sources]
+        for name, param in source.named_parameters():
+            tensor = synthesize(layout, slot, name, [o[name].data for o in others])
+            if tensor is not param.data:
+                replace[id(param)] = nn.Parameter(tensor, requires_grad=False)
+    block = clone_structure(source, replace)
+    if slot.drop_attn:
+        setattr(block, layout.attn, SkippedAttention())
+    if slot.drop_mlp:
+        if layout.mlp is None:
+            raise PlanError("drop_mlp is not available for this architecture: its MLP is not a separate module")
+        setattr(block, layout.mlp, SkippedMLP())
+    _set_layer_idx(block, idx)
+    return block
+
+
+class Variant:
+    """A plan applied to a model in place; `restore()` brings back the original exactly."""
+
+    def __init__(self, model: nn.Module, plan: LayerPlan) -> None:
+        self.model = model
+        self.plan = plan
+        self.layout = layout_for(model)
+        parent, name = self.layout.parent_and_name(model)
+        self._parent, self._name = parent, name
+        self.original_blocks: nn.ModuleList = getattr(parent, name)
+        if getattr(self.original_blocks, "_lm_eval_layers_variant", False):
+            raise PlanError("this model already has a layer plan applied; restore() it before applying another")
+        if len(self.original_blocks) != plan.num_layers:
+            raise PlanError(
+                f"the plan is for {plan.num_layers} blocks but the model has {len(self.original_blocks)}; "
+                "resolve the plan against this model's config"
+            )
+        self._config = text_config(model.config)
+        values = self._config.to_dict()
+        updates = layer_config_updates(self.layout, plan, values)
+        self._saved_config = {key: getattr(self._config, key, None) for key in updates}
+        blocks = nn.ModuleList(
+            build_slot(self.layout, self.original_blocks, slot, idx) for idx, slot in enumerate(plan.slots)
+        )
+        blocks._lm_eval_layers_variant = True
+        setattr(parent, name, blocks)
+        for key, value in updates.items():
+            setattr(self._config, key, value)
+        self.blocks = blocks
+
+    def restore(self) -> None:
+        """Put the original blocks and config fields back (idempotent)."""
+        setattr(self._parent, self._name, self.original_blocks)
+        for key, value in self._saved_config.items():
+            setattr(self._config, key, value)
+
+    def __enter__(self) -> Variant:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def apply_plan(model: nn.Module, plan: LayerPlan) -> Variant:
+    """Turn `model` into the plan's variant, in place; undo with `.restore()` or a `with` block."""
+    return Variant(model, plan)
