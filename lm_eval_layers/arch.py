@@ -31,6 +31,7 @@ class Layout:
     out_projections: tuple[str, ...]  # modules (relative to a block) writing into the residual stream
     layer_count: str = "num_hidden_layers"  # config.json key counting the blocks
     per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
+    residual_inside: bool = False  # branches add the residual themselves: branch(x, residual)
 
     def parent_and_name(self, model: nn.Module) -> tuple[nn.Module, str]:
         *path, name = self.blocks.split(".")
@@ -61,6 +62,10 @@ LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp", ("self_attn.o_proj", "ml
 GPT2 = Layout("transformer.h", "attn", "mlp", ("attn.c_proj", "mlp.c_proj"), layer_count="n_layer")
 GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", ("attention.dense", "mlp.dense_4h_to_h"))
 FALCON = Layout("transformer.h", "self_attention", "mlp", ("self_attention.dense", "mlp.dense_4h_to_h"))
+BLOOM = Layout(
+    "transformer.h", "self_attention", "mlp", ("self_attention.dense", "mlp.dense_4h_to_h"),
+    layer_count="n_layer", residual_inside=True,
+)
 OPT = Layout("model.decoder.layers", "self_attn", None, ("self_attn.out_proj", "fc2"))
 
 ARCHITECTURES: dict[str, Layout] = {
@@ -74,6 +79,7 @@ ARCHITECTURES: dict[str, Layout] = {
     "gpt2": GPT2,
     "gpt_neox": GPT_NEOX,
     "falcon": FALCON,
+    "bloom": BLOOM,
     "opt": OPT,
 }
 _KNOWN_LAYOUTS = tuple(dict.fromkeys(ARCHITECTURES.values()))
@@ -120,7 +126,9 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
     `values` are the original text-config fields (a config.json dict or a config's attributes);
     used for the in-memory variant and for the config.json that `surgery` writes, so both agree.
     """
-    updates: dict[str, Any] = {layout.layer_count: len(plan.slots)}
+    count_keys = (layout.layer_count, "num_hidden_layers", "n_layer", "num_layers")
+    count_key = next((key for key in count_keys if key in values), layout.layer_count)
+    updates: dict[str, Any] = {count_key: len(plan.slots)}
     for key in layout.per_layer:
         per_layer = values.get(key)
         if isinstance(per_layer, (list, tuple)) and len(per_layer) == plan.num_layers:

@@ -21,6 +21,11 @@ from lm_eval_layers.recipes import synthesize
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
+def _branch_output(hidden_states: torch.Tensor, args: tuple, residual_inside: bool) -> torch.Tensor:
+    """What a removed branch returns: nothing to add, or the residual where the branch adds it."""
+    return args[0] if residual_inside else torch.zeros_like(hidden_states)
+
+
 class SkippedAttention(nn.Module):
     """A removed attention branch: adds nothing to the residual stream and computes nothing.
 
@@ -28,9 +33,10 @@ class SkippedAttention(nn.Module):
     transformers reads the past length from cache layer 0 when generating.
     """
 
-    def __init__(self, layer_idx: int = 0) -> None:
+    def __init__(self, residual_inside: bool = False) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = 0
+        self.residual_inside = residual_inside
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -38,14 +44,18 @@ class SkippedAttention(nn.Module):
             batch, length = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(batch, 1, length, 0)
             cache.update(empty, empty, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
+        return _branch_output(hidden_states, args, self.residual_inside), None
 
 
 class SkippedMLP(nn.Module):
     """A removed MLP branch: adds nothing to the residual stream."""
 
+    def __init__(self, residual_inside: bool = False) -> None:
+        super().__init__()
+        self.residual_inside = residual_inside
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+        return _branch_output(hidden_states, args, self.residual_inside)
 
 
 def clone_structure(module: nn.Module, replace: dict[int, Any] | None = None) -> nn.Module:
@@ -87,11 +97,11 @@ def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int) -> n
                 replace[id(param)] = nn.Parameter(tensor, requires_grad=False)
     block = clone_structure(source, replace)
     if slot.drop_attn:
-        setattr(block, layout.attn, SkippedAttention())
+        setattr(block, layout.attn, SkippedAttention(layout.residual_inside))
     if slot.drop_mlp:
         if layout.mlp is None:
             raise PlanError("drop_mlp is not available for this architecture: its MLP is not a separate module")
-        setattr(block, layout.mlp, SkippedMLP())
+        setattr(block, layout.mlp, SkippedMLP(layout.residual_inside))
     _set_layer_idx(block, idx)
     return block
 
