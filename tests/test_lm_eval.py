@@ -1,0 +1,129 @@
+"""The `layered` model inside real lm-eval: the stock console script, `simple_evaluate`, parity
+with `hf`, and plan errors raised before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval
+import pytest
+import torch
+import transformers as T
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from conftest import REPO, TASKS
+from lm_eval_layers.model import LayeredLM
+from lm_eval_layers.plan import PlanError
+
+LIMIT = 6
+
+
+def evaluate(model, model_args=None, tasks=("arc_easy_local",)) -> dict:
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(tasks), limit=LIMIT, batch_size=4, device="cpu",
+        task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+    )
+
+
+def sample_scores(results: dict, task: str) -> list:
+    return [(s["doc_id"], s["resps"]) for s in results["samples"][task]]
+
+
+def test_empty_plan_is_bit_identical_to_hf(tiny_llama_dir, local_data):
+    args = {"pretrained": str(tiny_llama_dir), "dtype": "float32"}
+    hf = evaluate("hf", args)
+    layered = evaluate("layered", args)
+    assert sample_scores(layered, "arc_easy_local") == sample_scores(hf, "arc_easy_local")
+    assert layered["results"] == hf["results"]
+
+
+def test_simple_evaluate_with_a_plan_changes_scores(tiny_llama_dir, local_data):
+    base = evaluate("layered", {"pretrained": str(tiny_llama_dir), "dtype": "float32"})
+    pruned = evaluate("layered", f"pretrained={tiny_llama_dir},dtype=float32,drop=1;3")
+    assert sample_scores(pruned, "arc_easy_local") != sample_scores(base, "arc_easy_local")
+    assert "drop=1;3" in str(pruned["config"]["model_args"])
+
+
+def test_plugin_variant_equals_a_model_assembled_from_the_same_weights(tiny_llama_dir):
+    lm = LayeredLM(pretrained=str(tiny_llama_dir), drop="-1", insert="0:copy", dtype="float32", device="cpu")
+    assert [s.describe() for s in lm.plan.slots] == ["0", "copy(0)", "1", "2", "3", "4"]
+    sources = [0, 0, 1, 2, 3, 4]
+    ref = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        if name.startswith("model.layers."):
+            continue
+        state[name] = tensor
+    for k, i in enumerate(sources):
+        for name, tensor in ref.model.layers[i].state_dict().items():
+            state[f"model.layers.{k}.{name}"] = tensor.clone()
+    ref.load_state_dict(state, strict=True)  # 6 slots again, block 0 twice, block 5 gone
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, ref(ids).logits)
+
+
+def test_pretrained_model_object_gets_the_plan_on_a_clone(tiny_llama_dir):
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    before = [id(b) for b in model.model.layers]
+    lm = LayeredLM(pretrained=model, tokenizer=tokenizer, drop="2-3", device="cpu")
+    assert len(lm.model.model.layers) == 4 and lm.model.config.num_hidden_layers == 4
+    assert [id(b) for b in model.model.layers] == before and model.config.num_hidden_layers == 6
+    assert lm.model.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_bad_plan_fails_before_weights_are_read(tiny_llama_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # loading it would fail
+    with pytest.raises(PlanError, match="out of range for a model with 6 blocks"):
+        LayeredLM(pretrained=str(broken), drop="6", device="cpu")
+    with pytest.raises(PlanError, match="unknown init"):
+        LayeredLM(pretrained=str(broken), insert="1:mean", device="cpu")
+
+
+def test_stock_lm_eval_console_script_runs_layered(tiny_llama_dir, local_data, tmp_path):
+    script = Path(sys.executable).with_name("lm_eval")
+    out = tmp_path / "results"
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(local_data)}
+    proc = subprocess.run(
+        [
+            str(script), "--model", "layered",
+            "--model_args", f"pretrained={tiny_llama_dir},drop=1,insert=2:avg-zero,dtype=float32",
+            "--tasks", "arc_easy_local,copa_local", "--include_path", str(TASKS),
+            "--limit", "4", "--device", "cpu", "--output_path", str(out),
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arc_easy_local" in proc.stdout and "copa_local" in proc.stdout
+    (result_file,) = out.rglob("results_*.json")
+    results = json.loads(result_file.read_text())
+    assert results["config"]["model"] == "layered"
+    assert 0.0 <= results["results"]["arc_easy_local"]["acc,none"] <= 1.0
+    assert results["results"]["copa_local"]["alias"] == "copa_local"
+
+
+def test_unrelated_python_processes_do_not_import_lm_eval_or_torch():
+    code = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'torch', 'transformers')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.strip() == "[]"
+    hook = subprocess.run([sys.executable, "-c", "import sys; print('lm_eval_layers._hook' in sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert hook.stdout.strip() == "True"  # the .pth is installed and active
+
+
+def test_registry_resolves_layered_lazily():
+    proc = subprocess.run(
+        [sys.executable, "-c", "from lm_eval.api.registry import get_model; print(get_model('layered').__name__, get_model('hf').__name__)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert proc.stdout.split()[-2:] == ["LayeredLM", "HFLM"]
+    assert issubclass(LayeredLM, HFLM)
