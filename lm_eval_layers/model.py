@@ -48,5 +48,18 @@ class LayeredLM(HFLM):
         else:
             plan = spec.resolve(num_layers(_load_config(pretrained, kwargs)))
         super().__init__(pretrained=pretrained, **kwargs)
-        self.plan: LayerPlan = plan
-        self.variant: Variant | None = None if plan.is_identity else apply_plan(self._model, plan)
+        self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
+        self.variant: Variant | None = None
+        self.use_plan(plan)
+
+    def use_plan(self, plan: LayerPlan | PlanSpec) -> LayerPlan:
+        """Switch this loaded model to another variant in place (no reload, no weight copies)."""
+        if isinstance(plan, PlanSpec):
+            plan = plan.resolve(self.plan.num_layers)
+        if self.variant is not None:
+            self.variant.restore()
+            self.variant = None
+        if not plan.is_identity:
+            self.variant = apply_plan(self._model, plan)
+        self.plan = plan
+        return plan

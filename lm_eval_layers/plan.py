@@ -98,9 +98,12 @@ class LayerPlan:
             hit = [s.source for s in self.slots if getattr(s, attr)]
             if hit:
                 parts.append(f"remove the {name} branch of blocks {format_indices(hit)}")
-        inserted = [f"{s.describe()} at position {k}" for k, s in enumerate(self.slots) if s.synthesized]
-        if inserted:
-            parts.append("insert " + ", ".join(inserted))
+        by_init: dict[str, list[int]] = {}
+        for slot in self.slots:
+            if slot.synthesized:
+                by_init.setdefault(slot.init or "", []).append(slot.source)
+        for init, after in by_init.items():
+            parts.append(f"insert {init} after {','.join(map(str, after))}")
         body = "; ".join(parts) if parts else "unchanged"
         return f"{self.num_layers} -> {len(self.slots)} blocks: {body}"
 

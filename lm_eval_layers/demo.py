@@ -1,0 +1,78 @@
+"""`make demo`: SmolLM2-135M (the embedded default) and a few of its variants on a real task.
+
+Loads the model once, then evaluates the full model, single-block removals (the early
+"cornerstone" blocks vs a middle one), a deep 4-block prune, and the two function-preserving
+expansion presets, printing one table and writing the numbers as JSON.
+
+    python -m lm_eval_layers.demo [--limit 100] [--task arc_easy_local] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from lm_eval.tasks import TaskManager
+from rich.console import Console
+from rich.table import Table
+
+from lm_eval_layers.data import ENV
+from lm_eval_layers.evaluate import evaluate_plans
+from lm_eval_layers.model import LayeredLM
+from lm_eval_layers.plan import PlanSpec
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+VARIANTS = [
+    ("full model", {}),
+    ("drop block 0", {"drop": 0}),
+    ("drop block 1", {"drop": 1}),
+    ("drop block 15", {"drop": 15}),
+    ("drop blocks 24-27", {"drop": "24-27"}),
+    ("preset llama-pro:4", {"preset": "llama-pro:4"}),
+    ("preset slayer", {"preset": "slayer"}),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="arc_easy_local")
+    parser.add_argument("--limit", type=int, default=100, help="documents of the task to score")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=Path("out/demo.json"))
+    args = parser.parse_args(argv)
+    console = Console()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = os.environ.get(ENV) or "the Hugging Face hub"
+    console.print(f"[bold]SmolLM2-135M-Instruct[/] (GGUF Q4_1, {args.dtype}, {device}); {args.task}, "
+                  f"first {args.limit} documents, data from {source}")
+
+    lm = LayeredLM(pretrained="smollm2", dtype=args.dtype, device=device, batch_size=args.batch_size)
+    plans = [(name, PlanSpec.from_args(**kw)) for name, kw in VARIANTS]
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    with console.status("evaluating variants…"):
+        results = evaluate_plans(lm, plans, [args.task], manager, limit=args.limit)
+
+    table = Table(title=f"{args.task}, {args.limit} documents (chance 0.25)")
+    for col in ("variant", "blocks", "acc", "acc_norm", "Δ acc", "seconds", "plan"):
+        table.add_column(col, justify="left" if col in ("variant", "plan") else "right")
+    base = results[0].metrics[args.task]["acc,none"]
+    rows = []
+    for r in results:
+        m = r.metrics[args.task]
+        acc, acc_norm = m["acc,none"], m.get("acc_norm,none", float("nan"))
+        table.add_row(r.name, str(len(r.plan.slots)), f"{acc:.3f}", f"{acc_norm:.3f}", f"{acc - base:+.3f}",
+                      f"{r.seconds:.1f}", r.plan.describe())
+        rows.append({"variant": r.name, "blocks": len(r.plan.slots), "acc": acc, "acc_norm": acc_norm,
+                     "seconds": r.seconds, "plan": r.plan.to_dict()})
+    console.print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"task": args.task, "limit": args.limit, "dtype": args.dtype, "variants": rows}, indent=2))
+    console.print(f"JSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

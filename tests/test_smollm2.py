@@ -1,0 +1,66 @@
+"""The real embedded model, SmolLM2-135M-Instruct (30 Llama blocks, from its GGUF): the
+cornerstone finding, function-preserving expansion, and cached generation through lm-eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+
+from conftest import TASKS
+from lm_eval_layers.evaluate import evaluate_plans
+from lm_eval_layers.model import LayeredLM
+from lm_eval_layers.plan import PlanSpec
+
+LIMIT = 100
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LayeredLM:
+    return LayeredLM(pretrained="smollm2", dtype="float32", device="cpu", batch_size=32)
+
+
+def test_alias_loads_the_30_block_gguf(smollm2):
+    assert smollm2.plan.num_layers == 30
+    assert len(smollm2.model.model.layers) == 30
+
+
+def test_dropping_block_0_collapses_accuracy_while_a_middle_block_costs_little(smollm2, local_data):
+    plans = [("full", PlanSpec()), ("drop 0", PlanSpec.from_args(drop=0)), ("drop 15", PlanSpec.from_args(drop=15))]
+    results = evaluate_plans(smollm2, plans, ["arc_easy_local"], TaskManager(include_path=str(TASKS)), limit=LIMIT)
+    acc = {r.name: r.metrics["arc_easy_local"]["acc,none"] for r in results}
+    # DESIGN.md 3.4 (validation[:200]): full 0.50, without block 0: 0.29, without block 15: 0.475.
+    assert acc["full"] >= 0.40
+    assert acc["drop 0"] <= 0.33  # chance is 0.25
+    assert abs(acc["drop 15"] - acc["full"]) <= 0.06
+    assert smollm2.plan.is_identity  # evaluate_plans leaves the model as it found it
+
+
+def test_function_preserving_presets_reproduce_the_real_model(smollm2):
+    ids = torch.tensor([smollm2.tok_encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        base = smollm2.model(ids).logits
+        smollm2.use_plan(PlanSpec.from_args(preset="llama-pro:6"))
+        expanded = smollm2.model(ids).logits
+        smollm2.use_plan(PlanSpec.from_args(insert="0:avg-zero;14:avg-zero;28:copy-zero"))
+        inserted = smollm2.model(ids).logits
+        smollm2.use_plan(PlanSpec())
+    assert len(smollm2.model.model.layers) == 30
+    torch.testing.assert_close(expanded, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inserted, base, atol=1e-5, rtol=0)
+
+
+def test_generate_until_with_cache_equals_uncached_generation(smollm2):
+    prompt = "Question: What is the boiling point of water at sea level?\nAnswer:"
+    smollm2.use_plan(PlanSpec.from_args(drop="3,20", insert="5:copy", drop_attn="10"))
+    try:
+        request = Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 24, "do_sample": False}), 0)
+        (text,) = smollm2.generate_until([request])
+        ids = torch.tensor([smollm2.tok_encode(prompt)])
+        with torch.no_grad():
+            out = smollm2.model.generate(ids, max_new_tokens=24, do_sample=False, use_cache=False)
+        expected = smollm2.tok_decode(out[0, ids.shape[1]:].tolist()).split("\n\n")[0]
+    finally:
+        smollm2.use_plan(PlanSpec())
+    assert text == expected and len(text) > 0
