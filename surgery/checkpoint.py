@@ -1,0 +1,314 @@
+"""Write a layer plan's variant as a Hugging Face checkpoint, streaming tensor by tensor.
+
+The output is planned first (every tensor's name, dtype, shape and recipe), then executed one
+tensor at a time: kept tensors are copied as raw bytes where the dtype does not change,
+synthesised ones (`avg`, zeroed projections) are computed from their sources. Peak memory is
+one or two tensors, whatever the model's size. Everything is written into a temporary sibling
+folder that is renamed to `--out` only when complete, so a failure or Ctrl-C leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import torch
+
+from lm_eval_layers import __version__
+from lm_eval_layers.arch import Layout, layer_config_updates
+from lm_eval_layers.default_model import ALIAS, HUB_ID
+from lm_eval_layers.plan import LayerPlan, Slot
+from lm_eval_layers.recipes import is_zeroed, synthesize
+from surgery.errors import SurgeryError
+from surgery.sources import ST_NAMES, Source, TensorInfo, free_bytes, is_weight_file
+
+PLAN_FILE = "layer_plan.json"
+NEW_PARAMS_FILE = "new_parameters.json"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5_000_000_000 (transformers' convention; KiB/MiB/GiB are powers of 2)."""
+    m = _SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise SurgeryError(f"--max-shard-size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output and how to make it."""
+
+    name: str
+    info: TensorInfo
+    sources: tuple[str, ...]  # checkpoint names it is made from
+    slot: Slot | None = None  # None: outside the block stack (embeddings, final norm, head)
+    rel: str = ""  # name relative to its block
+    copy_of: str | None = None  # set when the tensor is an unchanged source tensor
+
+
+def block_prefix(names: list[str], layout: Layout) -> str:
+    """The checkpoint's prefix of block tensors (`model.layers.`; some files omit the outer part)."""
+    parts = layout.blocks.split(".")
+    for start in range(len(parts)):
+        prefix = ".".join(parts[start:]) + "."
+        if any(n.startswith(prefix + "0.") for n in names):
+            return prefix
+    raise SurgeryError(f"no block tensors named {layout.blocks}.N.* in the checkpoint; is it a {layout.blocks} model?")
+
+
+def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> list[OutTensor]:
+    """Every output tensor, in order, with its recipe; checks that the plan can be built."""
+    names = list(source.infos)
+    prefix = block_prefix(names, layout)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)$")
+    blocks: dict[int, dict[str, str]] = {}
+    outside_before: list[str] = []
+    outside_after: list[str] = []
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = name
+        else:
+            (outside_after if blocks else outside_before).append(name)
+    if sorted(blocks) != list(range(plan.num_layers)):
+        raise SurgeryError(
+            f"the checkpoint has tensors for {len(blocks)} blocks but its config says {plan.num_layers}; the checkpoint is incomplete"
+        )
+
+    def out_info(name: str) -> TensorInfo:
+        info = source.infos[name]
+        if dtype is not None and info.dtype.is_floating_point:
+            return TensorInfo(dtype, info.shape)
+        return info
+
+    out = [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_before]
+    for k, slot in enumerate(plan.slots):
+        own = blocks[slot.source]
+        for j in slot.sources[1:]:
+            other = blocks[j]
+            if set(other) != set(own) or any(source.infos[own[r]] != source.infos[other[r]] for r in own):
+                raise SurgeryError(
+                    f"cannot average blocks {slot.source} and {j}: their tensors differ in names or shapes; use copy instead"
+                )
+        for rel, name in own.items():
+            srcs = tuple(blocks[j][rel] for j in slot.sources)
+            plain = len(srcs) == 1 and not is_zeroed(layout, slot, rel)
+            out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None))
+    out += [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_after]
+    return out
+
+
+def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
+    if t.copy_of is not None:
+        tensor = source.tensor(t.copy_of)
+    else:
+        assert t.slot is not None
+        tensor = synthesize(layout, t.slot, t.rel, [source.tensor(n) for n in t.sources])
+    return tensor.to(t.info.dtype)
+
+
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
+    f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _copy_range(f: BinaryIO, path: Path, start: int, length: int) -> None:
+    f.flush()
+    with path.open("rb") as src:
+        offset, left = start, length
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
+                if n == 0:
+                    raise SurgeryError(f"{path} ended early while copying; the file is truncated")
+                offset += n
+                left -= n
+            f.seek(0, os.SEEK_END)
+            return
+        except (AttributeError, OSError):
+            pass  # no copy_file_range (other OS or file system): plain reads
+        src.seek(offset)
+        while left:
+            chunk = src.read(min(left, 64 << 20))
+            if not chunk:
+                raise SurgeryError(f"{path} ended early while copying; the file is truncated")
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def shard(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.info.nbytes
+    return shards
+
+
+def write_weights(
+    folder: Path, source: Source, layout: Layout, tensors: list[OutTensor], max_shard_size: int,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[str]:
+    """Write the safetensors shard(s) (and index when sharded); returns the file names."""
+    groups = shard(tensors, max_shard_size)
+    files = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
+    ]
+    for file, group in zip(files, groups):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in group:
+            header[t.name] = {"dtype": ST_NAMES[t.info.dtype], "shape": list(t.info.shape),
+                              "data_offsets": [offset, offset + t.info.nbytes]}
+            offset += t.info.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with (folder / file).open("wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for t in group:
+                raw = source.raw(t.copy_of) if t.copy_of is not None else None
+                if raw is not None and t.info == source.infos[t.copy_of]:
+                    _copy_range(f, raw.path, raw.start, raw.length)
+                else:
+                    _write_tensor(f, _make(source, layout, t))
+                progress(t.info.nbytes)
+    if len(groups) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.info.nbytes for t in tensors)},
+            "weight_map": {t.name: file for file, group in zip(files, groups) for t in group},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> dict:
+    """config.json with every layer-describing field made consistent with the plan."""
+    config = json.loads(json.dumps(source.config))
+    target = config
+    if not any(k in config for k in (layout.layer_count, "num_hidden_layers", "n_layer", "num_layers")):
+        target = config.get("text_config", config)
+    target.update(layer_config_updates(layout, plan, target))
+    if dtype is not None or "dtype" not in config:
+        out_dtype = dtype or next(iter(source.infos.values())).dtype
+        config["dtype"] = str(out_dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def copy_side_files(folder: Path, source: Source) -> None:
+    """Tokenizer, generation config and other small files; GGUF sources get them converted."""
+    if source.folder is not None:
+        for path in source.folder.iterdir():
+            if path.is_file() and not is_weight_file(path) and path.name not in ("config.json", "README.md", PLAN_FILE, NEW_PARAMS_FILE):
+                shutil.copy2(path, folder / path.name)
+        return
+    import transformers
+
+    gguf = source.path  # type: ignore[attr-defined]
+    transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    transformers.GenerationConfig.from_model_config(source.hf_config).save_pretrained(folder)  # type: ignore[attr-defined]
+
+
+def write_metadata(folder: Path, title: str, source: Source, plan: LayerPlan, layout: Layout, command: str,
+                   tensors: list[OutTensor], dtype: torch.dtype | None) -> None:
+    """The plan file, the model card, and (for expansions) the parameters to train."""
+    record = {
+        "tool": "lm-eval-layers", "version": __version__, "command": command, "base_model": source.name,
+        "description": plan.describe(), "dtype": str(dtype).removeprefix("torch.") if dtype else "unchanged",
+        "plan": plan.to_dict(),
+    }
+    (folder / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    new = plan.new_slots
+    if new:
+        names = [t.name for t in tensors if t.slot is not None and t.slot.synthesized]
+        (folder / NEW_PARAMS_FILE).write_text(json.dumps({
+            "layers_to_transform": list(new),  # peft.LoraConfig(layers_to_transform=..., layers_pattern=...)
+            "layers_pattern": layout.blocks.split(".")[-1],
+            "parameter_names": names,  # freeze everything else: p.requires_grad = name in parameter_names
+        }, indent=2) + "\n")
+    kind = "expanded" if new else "pruned"
+    rows = "\n".join(f"| {k} | {s.describe()} |" for k, s in enumerate(plan.slots))
+    card = f"""---
+base_model: {base_model(source)}
+library_name: transformers
+tags:
+- lm-eval-layers
+- layer-surgery
+- {kind}
+---
+
+# {title}
+
+A {kind} variant of `{source.name}` written by lm-eval-layers {__version__} (`surgery {command}`).
+
+**Plan:** {plan.describe()}.
+
+The same variant is evaluated in memory, without writing a checkpoint, by
+`lm_eval --model layered --model_args pretrained={source.name},...`; this folder loads with
+`AutoModelForCausalLM.from_pretrained` and `lm_eval --model hf` unchanged. Removed attention or
+MLP branches are stored as zeroed output projections, which compute the same values.
+{"New blocks (to train in LLaMA-Pro / Llama SLayer recipes) are listed in `" + NEW_PARAMS_FILE + "`." if new else ""}
+
+| position | block (original index or recipe) |
+|---|---|
+{rows}
+"""
+    (folder / "README.md").write_text(card)
+
+
+def base_model(source: Source) -> str:
+    """The model card's `base_model`: a hub id where one is known."""
+    return HUB_ID if source.name == ALIAS else source.name
+
+
+@contextmanager
+def atomic_output(out: Path, source: Source, force: bool, needed: int) -> Iterator[Path]:
+    """A temporary sibling of `out` that becomes `out` only if the block completes."""
+    out = out.expanduser().resolve()
+    if source.folder is not None:
+        src = source.folder.resolve()
+        if out == src or src in out.parents:
+            raise SurgeryError(f"--out {out} is inside the input model folder {src}; write somewhere else")
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"--out {out} is an existing file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SurgeryError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private
+    except OSError as e:
+        raise SurgeryError(f"cannot write in {parent} ({e.strerror}); choose another --out") from None
+    try:
+        if free_bytes(parent) < needed + (64 << 20):
+            raise SurgeryError(
+                f"not enough free disk space in {parent}: need {needed / 1e9:.2f} GB, have {free_bytes(parent) / 1e9:.2f} GB"
+            )
+        yield tmp
+        if out.exists():
+            trash = parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

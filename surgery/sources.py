@@ -1,0 +1,249 @@
+"""Read a checkpoint tensor by tensor, never the whole model: a folder of safetensors files
+(one file or shards), a GGUF file (dequantised one tensor at a time), or a hub id.
+
+A safetensors source also says where each tensor's bytes are, so tensors that are kept as they
+are can be copied as raw bytes without being decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lm_eval_layers.default_model import ALIAS, smollm2_gguf
+from surgery.errors import SurgeryError
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class RawBytes:
+    """Where a tensor's bytes lie in a safetensors file: copyable without decoding."""
+
+    path: Path
+    start: int
+    length: int
+
+
+class Source(Protocol):
+    name: str  # what the user gave (for messages and the model card)
+    folder: Path | None  # where tokenizer and generation config files are, if any
+    config: dict[str, Any]  # config.json contents
+    hf_config: Any  # the same as a transformers config object
+    infos: dict[str, TensorInfo]  # checkpoint tensor name -> dtype and shape, in storage order
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def raw(self, name: str) -> RawBytes | None: ...
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts; clear errors if broken."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SurgeryError(f"{path} is not a safetensors file (too short); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise SurgeryError(f"{path} is not a readable safetensors file (bad header length); re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SurgeryError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, entry in header.items():
+        end = entry.get("data_offsets", [0, 0])[1]
+        if data_start + end > size:
+            raise SurgeryError(f"{path} is truncated (tensor {name} ends past the end of the file); re-download it")
+        if entry.get("dtype") not in ST_DTYPES:
+            raise SurgeryError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+    return header, data_start
+
+
+class SafetensorsFolder:
+    """A Hugging Face model folder with `model.safetensors` or shards plus an index."""
+
+    def __init__(self, folder: Path, name: str | None = None) -> None:
+        self.name = name or str(folder)
+        self.folder = folder
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise SurgeryError(f"{folder} has no config.json; point MODEL at a Hugging Face model folder")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise SurgeryError(f"{config_path} is not valid JSON ({e.msg}); fix or re-download it") from None
+        self.hf_config = _config_object(folder, self.config)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+            hint = (" (only pickle weights found: convert them to safetensors first; pickles are not loaded, "
+                    "they can run code)") if pickles else ""
+            raise SurgeryError(f"{folder} has no .safetensors weights{hint}")
+        self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+        self.infos: dict[str, TensorInfo] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SurgeryError(f"{folder} is missing shard(s) {', '.join(missing)} named in its index; re-download them")
+        for path in files:
+            header, start = read_safetensors_header(path)
+            for tensor, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                self._where[tensor] = (path, entry, start)
+                self.infos[tensor] = TensorInfo(ST_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+
+    def raw(self, name: str) -> RawBytes:
+        path, entry, start = self._where[name]
+        begin, end = entry["data_offsets"]
+        return RawBytes(path, start + begin, end - begin)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where[name][0]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+class GGUFFile:
+    """A GGUF file read with the `gguf` package and transformers' name mapping, tensor by tensor."""
+
+    def __init__(self, path: Path, name: str | None = None) -> None:
+        import transformers
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        self.name = name or str(path)
+        self.folder = None
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+            config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (ValueError, OSError, KeyError) as e:
+            raise SurgeryError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]})") from None
+        self.hf_config = config
+        self.config = config.to_dict()
+        arch_field = self.reader.fields["general.architecture"]
+        architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
+        meta = meta_model(config)
+        mapping = get_gguf_hf_weights_map(meta, self.processor)
+        shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        self._tensors = {}
+        self.infos = {}
+        for t in self.reader.tensors:
+            hf_name = mapping.get(t.name)
+            if hf_name is None or hf_name not in shapes:
+                continue
+            self._tensors[hf_name] = t
+            self.infos[hf_name] = TensorInfo(torch.float32, shapes[hf_name])
+
+    def raw(self, name: str) -> None:
+        return None  # quantised bytes: always decoded
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from gguf import dequantize
+
+        t = self._tensors[name]
+        weights = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
+        tensor = torch.from_numpy(weights.copy()).to(torch.float32)
+        expected = self.infos[name].shape
+        return tensor.reshape(expected)
+
+
+def _config_object(folder: Path, config: dict[str, Any]) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError) as e:
+        raise SurgeryError(
+            f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "
+            "(remote code is never run; upgrade transformers if the architecture is new)"
+        ) from None
+
+
+def meta_model(config: Any) -> torch.nn.Module:
+    """The model's module tree without weights (no memory): names, shapes and its layout."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise SurgeryError(
+            f"unknown architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
+
+
+def open_model(model: str) -> Source:
+    """MODEL as the user gave it: alias, .gguf file, local folder, or hub id."""
+    if model.lower() == ALIAS:
+        try:
+            return GGUFFile(smollm2_gguf(), name=ALIAS)
+        except FileNotFoundError as e:
+            raise SurgeryError(str(e)) from None
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SurgeryError(f"no GGUF file at {path}; check the path")
+        return GGUFFile(path)
+    if path.is_dir():
+        return SafetensorsFolder(path)
+    if path.exists():
+        raise SurgeryError(f"{path} is a file, not a model folder or a .gguf file")
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise SurgeryError(f"no model folder at {model}; give a local folder, a .gguf file, a hub id or '{ALIAS}'")
+    return SafetensorsFolder(_download(model), name=model)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub model's safetensors, config and tokenizer (never pickles)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, missing repo, gated model: all one clear line
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise SurgeryError(f"cannot get {repo_id} from the hub ({first}); check the id, your network or HF_TOKEN") from None
+
+
+def is_weight_file(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+
+
+def free_bytes(folder: Path) -> int:
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize

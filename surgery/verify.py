@@ -1,0 +1,42 @@
+"""`--verify`: reload a written checkpoint and compare its logits with the in-memory `layered`
+variant of the same plan (the model the plugin evaluates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lm_eval_layers.plan import LayerPlan
+from lm_eval_layers.variant import apply_plan
+from surgery.errors import SurgeryError
+from surgery.sources import GGUFFile, Source
+
+
+def _load(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    import transformers
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
+
+
+def verify(written: Path, source: Source, plan: LayerPlan, dtype: torch.dtype, exact: bool) -> float:
+    """Max |Δ logit| on a short prompt; raises unless identical (`exact`, no dtype conversion)
+    or within rounding of the new dtype."""
+    if isinstance(source, GGUFFile):
+        reference = _load(source.path.parent, dtype, source.path.name)
+    else:
+        assert source.folder is not None
+        reference = _load(source.folder, dtype)
+    vocab = reference.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(7, 7 + 24 * 37, 37) % vocab).unsqueeze(0)
+    with torch.no_grad(), apply_plan(reference, plan):
+        expected = reference(ids).logits.float()
+    del reference
+    with torch.no_grad():
+        got = _load(written, dtype)(ids).logits.float()
+    diff = (got - expected).abs().max().item()
+    allowed = 0.0 if exact else 2e-2 * expected.abs().max().item()
+    if diff > allowed:
+        raise SurgeryError(f"verification failed: written checkpoint differs from the in-memory variant by {diff:.3g} (allowed {allowed:.3g})")
+    return diff
