@@ -3,6 +3,8 @@ cornerstone finding, function-preserving expansion, and cached generation throug
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -64,3 +66,35 @@ def test_generate_until_with_cache_equals_uncached_generation(smollm2):
     finally:
         smollm2.use_plan(PlanSpec())
     assert text == expected and len(text) > 0
+
+
+def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2, local_data, tmp_path):
+    """GGUF -> `surgery prune` -> `lm_eval --model hf` gives the per-sample results of
+    `layered` with the same plan on the loaded model."""
+    import json
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", "smollm2", "--drop", "24-27", "--drop-attn", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf",
+         "--model_args", f"pretrained={out},dtype=float32", "--tasks", "arc_easy_local", "--include_path", str(TASKS),
+         "--limit", "24", "--batch_size", "32", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "res")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples_file,) = (tmp_path / "res").rglob("samples_arc_easy_local_*.jsonl")
+    hf = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    layered = evaluate_plans(smollm2, [("pruned", PlanSpec.from_args(drop="24-27", drop_attn=5))], ["arc_easy_local"],
+                             TaskManager(include_path=str(TASKS)), limit=24, log_samples=True)[0]
+    def loglikelihoods(samples) -> dict:  # the log file stores numbers as strings
+        return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
+
+    got, expected = loglikelihoods(layered.samples["arc_easy_local"]), loglikelihoods(hf)
+    assert len(got) == 24 and got == expected
