@@ -98,16 +98,25 @@ def text_config(config: Any) -> Any:
 
 
 def num_layers(config: Any) -> int:
-    """Depth of the decoder stack, from the config alone (no weights needed)."""
-    cfg = text_config(config)
+    """Depth of the decoder stack, from a config object or a config.json dict (no weights)."""
+    if isinstance(config, dict):
+        values = config.get("text_config", config) if not _count(config) else config
+    else:
+        values = vars(text_config(config))
+    count = _count(values)
+    if count is None:
+        raise UnsupportedArchitecture(
+            f"cannot tell how many blocks the model has (no num_hidden_layers / n_layer / num_layers in its config); "
+            "add its layer-count key to a Layout in lm_eval_layers/arch.py"
+        )
+    return count
+
+
+def _count(values: dict[str, Any]) -> int | None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    raise UnsupportedArchitecture(
-        f"cannot tell how many blocks {type(cfg).__name__} has (no num_hidden_layers / n_layer / num_layers); "
-        "add its layer-count key to a Layout in lm_eval_layers/arch.py"
-    )
+        if isinstance(values.get(key), int):
+            return values[key]
+    return None
 
 
 def layout_for(model: nn.Module) -> Layout:

@@ -201,6 +201,12 @@ def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, 
     if not any(k in config for k in (layout.layer_count, "num_hidden_layers", "n_layer", "num_layers")):
         target = config.get("text_config", config)
     target.update(layer_config_updates(layout, plan, target))
+    if not config.get("architectures"):  # GGUF-derived configs lack it; mergekit and the hub need it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        if name:
+            config["architectures"] = [name]
     if dtype is not None or "dtype" not in config:
         out_dtype = dtype or next(iter(source.infos.values())).dtype
         config["dtype"] = str(out_dtype).removeprefix("torch.")

@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from lm_eval_layers.arch import UnsupportedArchitecture, layout_for, num_layers
+from lm_eval_layers.arch import UnsupportedArchitecture, num_layers
 from lm_eval_layers.plan import PlanError, PlanSpec
 from surgery.checkpoint import (
     atomic_output, block_prefix, copy_side_files, parse_size, plan_tensors, write_config, write_metadata,
     write_weights,
 )
 from surgery.errors import SurgeryError
-from surgery.sources import Source, meta_model, open_model
+from surgery.sources import Source, open_model, source_layout
 from surgery.verify import verify as verify_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -57,10 +57,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _layout(source: Source):
-    return layout_for(meta_model(source.hf_config))
-
-
 ModelArg = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)")
 OutOpt = typer.Option(..., "--out", help="output folder (must not exist or be empty, unless --force)")
 DTypeOpt = typer.Option(None, "--dtype", help="convert floating tensors (default: keep; GGUF: float32)")
@@ -76,8 +72,8 @@ def _write(command: str, model: str, spec: PlanSpec, out: Path, dtype: Optional[
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)
     source = open_model(model)
-    plan = spec.resolve(num_layers(source.hf_config))
-    layout = _layout(source)
+    plan = spec.resolve(num_layers(source.config))
+    layout = source_layout(source)
     torch_dtype = getattr(torch, dtype.value) if dtype else None
     tensors = plan_tensors(source, plan, layout, torch_dtype)
     total = sum(t.info.nbytes for t in tensors)
@@ -166,7 +162,7 @@ def inspect(
 
 def describe(source: Source) -> dict:
     """What `inspect` reports, as a JSON-ready dict."""
-    layout = _layout(source)
+    layout = source_layout(source)
     names = list(source.infos)
     prefix = block_prefix(names, layout)
     blocks: dict[int, list[str]] = {}

@@ -7,6 +7,7 @@ are can be copied as raw bytes without being decoded.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lm_eval_layers.arch import ARCHITECTURES, Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
 from surgery.errors import SurgeryError
 
@@ -100,7 +102,6 @@ class SafetensorsFolder:
             self.config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise SurgeryError(f"{config_path} is not valid JSON ({e.msg}); fix or re-download it") from None
-        self.hf_config = _config_object(folder, self.config)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
@@ -121,6 +122,11 @@ class SafetensorsFolder:
             for tensor, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self._where[tensor] = (path, entry, start)
                 self.infos[tensor] = TensorInfo(ST_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+
+    @functools.cached_property
+    def hf_config(self) -> Any:
+        """transformers' config object (imported only when needed: it costs seconds)."""
+        return _config_object(self.folder, self.config)
 
     def raw(self, name: str) -> RawBytes:
         path, entry, start = self._where[name]
@@ -191,6 +197,11 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
             f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "
             "(remote code is never run; upgrade transformers if the architecture is new)"
         ) from None
+
+
+def source_layout(source: Source) -> Layout:
+    """The layout from the table of known families, else inferred from a weightless model."""
+    return ARCHITECTURES.get(source.config.get("model_type")) or layout_for(meta_model(source.hf_config))
 
 
 def meta_model(config: Any) -> torch.nn.Module:
