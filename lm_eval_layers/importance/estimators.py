@@ -1,0 +1,257 @@
+"""Estimators that turn evaluations of a game into per-unit values with uncertainty (pure numpy).
+
+- `exact`: the Shapley formula over all 2^n coalitions (ground truth, n ≤ ~16).
+- `permutation`: permutation sampling, antithetic by default (each permutation also walked in
+  reverse); t-intervals across pairs.
+- `regression`: paired KernelSHAP with sizes drawn uniformly (leverage weights) and per-size
+  stratified weights, ∅, N and all size-1 / size-(n−1) coalitions when the budget allows, solved
+  under Σφ = v(N) − v(∅); bootstrap over sampled pairs.
+- `window`: seed 1's local "efficient sampling" heuristic, reproduced for comparison.
+- `ablation`: leave-one-out, v(N) − v(N∖{i}).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from lm_eval_layers.importance.games import CachedGame
+
+Z95 = 1.959963984540054
+
+
+@dataclass
+class Estimate:
+    method: str
+    values: np.ndarray
+    stderr: np.ndarray
+    evaluations: int
+    v_empty: float
+    v_full: float
+    extra: dict = field(default_factory=dict)
+
+    def ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        df = self.extra.get("df")
+        z = _t_quantile(level, df) if df else _normal_quantile(level)
+        return self.values - z * self.stderr, self.values + z * self.stderr
+
+    @property
+    def efficiency_gap(self) -> float:
+        """Σφ − (v(N) − v(∅)): zero for Shapley values."""
+        return float(self.values.sum() - (self.v_full - self.v_empty))
+
+
+def _normal_quantile(level: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def _t_quantile(level: float, df: int) -> float:
+    """Student-t quantile by bisection on the regularised incomplete beta (no SciPy needed)."""
+    if df >= 200:
+        return _normal_quantile(level)
+    target = 0.5 + level / 2
+
+    def cdf(t: float) -> float:
+        x = df / (df + t * t)
+        return 1 - 0.5 * _betainc(df / 2, 0.5, x)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by continued fraction (Numerical Recipes' scheme)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _betainc(b, a, 1 - x)
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1, 400):
+        m = i // 2
+        if i == 1:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > 1e-30 else 1e-30)
+        c = 1 + num / c if abs(c) > 1e-30 else 1e-30
+        f *= c * d
+        if abs(c * d - 1) < 1e-12:
+            break
+    return front * (f - 1) / a
+
+
+def _ends(game: CachedGame) -> tuple[float, float]:
+    n = game.n
+    v = game(np.array([np.zeros(n, bool), np.ones(n, bool)]))
+    return float(v[0]), float(v[1])
+
+
+def exact(game: CachedGame) -> Estimate:
+    """φ_i = Σ_{S⊆N∖{i}} |S|!(n−|S|−1)!/n! (v(S∪{i}) − v(S)), over all 2^n coalitions."""
+    n = game.n
+    masks = np.arange(1 << n, dtype=np.int64)
+    rows = ((masks[:, None] >> np.arange(n)) & 1).astype(bool)
+    values = np.concatenate([game(rows[i:i + 4096]) for i in range(0, len(rows), 4096)])
+    sizes = rows.sum(axis=1)
+    weight = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+    phi = np.zeros(n)
+    for i in range(n):
+        without = masks[~rows[:, i]]
+        phi[i] = np.sum(weight[sizes[without]] * (values[without | (1 << i)] - values[without]))
+    return Estimate("exact", phi, np.zeros(n), game.evaluations, float(values[0]), float(values[-1]))
+
+
+def permutation(game: CachedGame, budget: int, seed: int = 0, antithetic: bool = True) -> Estimate:
+    """Marginal contributions along random orders; with `antithetic`, each order also reversed."""
+    n = game.n
+    rng = np.random.default_rng(seed)
+    v_empty, v_full = _ends(game)
+    samples: list[np.ndarray] = []
+    while True:
+        order = rng.permutation(n)
+        walks = [order, order[::-1]] if antithetic else [order]
+        rows = []
+        for walk in walks:
+            x = np.zeros((n + 1, n), bool)
+            for step, player in enumerate(walk):
+                x[step + 1:, player] = True
+            rows.append(x)
+        cost = len({int(np.dot(r, 1 << np.arange(n))) for x in rows for r in x} - set(game.values))
+        if samples and game.evaluations + cost > budget:
+            break
+        deltas = []
+        for walk, x in zip(walks, rows):
+            v = game(x)
+            d = np.empty(n)
+            d[walk] = np.diff(v)
+            deltas.append(d)
+        samples.append(np.mean(deltas, axis=0))
+    d = np.array(samples)
+    k = len(d)
+    stderr = d.std(axis=0, ddof=1) / math.sqrt(k) if k > 1 else np.full(n, np.inf)
+    method = "permutation" if antithetic else "plain-permutation"
+    return Estimate(method, d.mean(axis=0), stderr, game.evaluations, v_empty, v_full, {"df": k - 1, "samples": k})
+
+
+def _solve(rows: np.ndarray, y: np.ndarray, w: np.ndarray, total: float) -> np.ndarray:
+    """argmin Σ w (xᵀφ − y)² subject to Σφ = total."""
+    n = rows.shape[1]
+    A = rows.astype(float)
+    G = A.T @ (A * w[:, None]) + 1e-10 * np.eye(n)
+    b = A.T @ (w * y)
+    Ginv_b = np.linalg.solve(G, b)
+    Ginv_1 = np.linalg.solve(G, np.ones(n))
+    return Ginv_b - Ginv_1 * (Ginv_b.sum() - total) / Ginv_1.sum()
+
+
+def regression(game: CachedGame, budget: int, seed: int = 0, bootstrap: int = 200) -> Estimate:
+    """Paired KernelSHAP with leverage (uniform-size) sampling and the efficiency constraint."""
+    n = game.n
+    rng = np.random.default_rng(seed)
+    v_empty, v_full = _ends(game)
+    total = v_full - v_empty
+    # Strata: sizes 1..n-1. Enumerate sizes 1 and n-1 when they fit in the budget.
+    enumerated: dict[int, list[np.ndarray]] = {}
+    if budget - 2 >= 2 * n:
+        for s in (1, n - 1):
+            enumerated[s] = [np.isin(np.arange(n), c) for c in combinations(range(n), s)]
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    seen = {int(np.dot(r, 1 << np.arange(n))) for rs in enumerated.values() for r in rs}
+    left = budget - 2 - sum(len(r) for r in enumerated.values())
+    sizes = [s for s in range(1, n) if s not in enumerated and n - s not in enumerated]
+    tries = 0
+    while left >= 2 and sizes and tries < 50 * budget:
+        tries += 1
+        s = int(rng.choice(sizes))
+        row = np.zeros(n, bool)
+        row[rng.choice(n, s, replace=False)] = True
+        k = int(np.dot(row, 1 << np.arange(n)))
+        if k in seen:
+            continue
+        seen.add(k)
+        seen.add(int(np.dot(~row, 1 << np.arange(n))))
+        pairs.append((row, ~row))
+        left -= 1 if s * 2 == n else 2
+
+    def kernel(s: int) -> float:
+        return (n - 1) / (math.comb(n, s) * s * (n - s))
+
+    def design(chosen: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [r for rs in enumerated.values() for r in rs] + [r for p in chosen for r in p]
+        counts: dict[int, int] = {}
+        for p in chosen:
+            for r in p:
+                counts[int(r.sum())] = counts.get(int(r.sum()), 0) + 1
+        weights = []
+        for r in rows:
+            s = int(r.sum())
+            stratum = math.comb(n, s) if s in enumerated else counts[s]
+            weights.append(kernel(s) * math.comb(n, s) / stratum)  # Σ over the stratum, estimated
+        return np.array(rows), np.array(weights)
+
+    rows, w = design(pairs)
+    y = game(rows) - v_empty if len(rows) else np.zeros(0)
+    values = {int(np.dot(r, 1 << np.arange(n))): yy for r, yy in zip(rows, y)}
+    phi = _solve(rows, y, w, total) if len(rows) else np.full(n, total / n)
+    stderr = np.zeros(n)
+    if pairs and bootstrap:
+        boots = []
+        for _ in range(bootstrap):
+            pick = [pairs[i] for i in rng.integers(0, len(pairs), len(pairs))]
+            br, bw = design(pick)
+            by = np.array([values[int(np.dot(r, 1 << np.arange(n)))] for r in br])
+            boots.append(_solve(br, by, bw, total))
+        stderr = np.array(boots).std(axis=0, ddof=1)
+    return Estimate("regression", phi, stderr, game.evaluations, v_empty, v_full, {"pairs": len(pairs)})
+
+
+def window(game: CachedGame, level: int = 3) -> Estimate:
+    """Seed 1's heuristic: for unit i, the equal-weight mean of v(N) − v(N∖{i}) and of
+    v(N∖W) − v(N∖(W∪{i})) for every contiguous window W (length ≤ level−1) that i extends at
+    its left or right edge. Not Shapley-weighted; shipped to reproduce their numbers."""
+    n = game.n
+    v_empty, v_full = _ends(game)
+    full = np.ones(n, bool)
+
+    def removed(units: list[int]) -> np.ndarray:
+        r = full.copy()
+        r[units] = False
+        return r
+
+    phi = np.zeros(n)
+    for i in range(n):
+        terms = [(removed([]), removed([i]))]
+        for length in range(1, level):
+            if i - length >= 0:  # window ends just left of i
+                w = list(range(i - length, i))
+                terms.append((removed(w), removed(w + [i])))
+            if i + length < n:  # window starts just right of i
+                w = list(range(i + 1, i + 1 + length))
+                terms.append((removed(w), removed(w + [i])))
+        with_i = game(np.array([a for a, _ in terms]))
+        without_i = game(np.array([b for _, b in terms]))
+        phi[i] = np.mean(with_i - without_i)
+    return Estimate("window", phi, np.zeros(n), game.evaluations, v_empty, v_full, {"level": level})
+
+
+def ablation(game: CachedGame) -> Estimate:
+    """Leave-one-out: v(N) − v(N∖{i})."""
+    n = game.n
+    v_empty, v_full = _ends(game)
+    rows = ~np.eye(n, dtype=bool)
+    phi = v_full - game(rows)
+    return Estimate("ablation", phi, np.zeros(n), game.evaluations, v_empty, v_full)
