@@ -220,8 +220,9 @@ class PlanSpec:
     drop_mlp: tuple[Range, ...] = ()
     insert: tuple[tuple[int, str], ...] = ()
     preset: str | None = None
+    lowest: tuple[str, int, tuple[int, ...]] | None = None  # (unit, depth, units to drop) from a scores file
 
-    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset")
+    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest")
 
     @classmethod
     def from_args(
@@ -232,6 +233,8 @@ class PlanSpec:
         drop_mlp: Any = None,
         insert: Any = None,
         preset: Any = None,
+        scores: Any = None,
+        drop_lowest: Any = None,
     ) -> PlanSpec:
         if drop is not None and keep is not None:
             raise PlanError("drop and keep are exclusive: give the blocks to remove (drop=) or the ones to keep (keep=), not both")
@@ -245,6 +248,7 @@ class PlanSpec:
             drop_mlp=_parse_ranges("drop_mlp", drop_mlp),
             insert=_parse_inserts(insert),
             preset=_parse_preset(preset),
+            lowest=_lowest_units(scores, drop_lowest),
         )
 
     @property
@@ -268,6 +272,19 @@ class PlanSpec:
             raise PlanError(f"the plan drops all {n} blocks; keep at least one block")
         attn = _resolve("drop_attn", self.drop_attn, n)
         mlp = _resolve("drop_mlp", self.drop_mlp, n)
+        if self.lowest is not None:
+            unit, depth, units = self.lowest
+            if depth != n:
+                raise PlanError(
+                    f"the scores file is for a model with {depth} blocks, this one has {n}; score this model with `surgery score`"
+                )
+            if unit == "block":
+                drops = sorted(set(drops) | set(units))
+            else:  # units ordered attn0, mlp0, attn1, ...
+                attn = sorted(set(attn) | {u // 2 for u in units if u % 2 == 0})
+                mlp = sorted(set(mlp) | {u // 2 for u in units if u % 2 == 1})
+            if len(drops) == n:
+                raise PlanError(f"drop_lowest removes all {n} blocks; drop fewer")
         for name, half in (("drop_attn", attn), ("drop_mlp", mlp)):
             both = sorted(set(half) & set(drops))
             if both:
@@ -313,6 +330,27 @@ class PlanSpec:
             raise PlanError(f"preset={self.preset} inserts {k} blocks but the model has only {n}; use K <= {n}")
         # LLaMA-Pro: one function-preserving copy after every (L/K)-th block.
         return [], [((j + 1) * n // k - 1, "copy-zero") for j in range(k)]
+
+
+def _lowest_units(scores: Any, k: Any) -> tuple[str, int, tuple[int, ...]] | None:
+    """The K lowest-valued units of a `surgery score` file, as (unit, depth, unit indices)."""
+    if scores is None and k is None:
+        return None
+    if scores is None or k is None:
+        raise PlanError("scores and drop_lowest go together: scores=PATH,drop_lowest=K")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 1:
+        raise PlanError(f"drop_lowest={k!r} must be a positive whole number of units")
+    try:
+        data = json.loads(open(str(scores), encoding="utf-8").read())
+        unit, depth, units = data["unit"], int(data["num_layers"]), data["units"]
+    except FileNotFoundError:
+        raise PlanError(f"scores file {scores} does not exist; run `surgery score MODEL --out {scores}` first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise PlanError(f"{scores} is not a scores file of `surgery score` (needs unit, num_layers, units)") from None
+    if int(k) >= len(units):
+        raise PlanError(f"drop_lowest={int(k)} would remove all {len(units)} {unit} units; drop fewer")
+    lowest = sorted(units, key=lambda u: (u["value"], u["index"]))[: int(k)]
+    return unit, depth, tuple(sorted(u["index"] for u in lowest))
 
 
 def _resolve_index(name: str, i: int, n: int) -> int:

@@ -103,6 +103,8 @@ def prune(
     keep: Optional[str] = typer.Option(None, "--keep", help="blocks to keep (the complement of --drop)"),
     drop_attn: Optional[str] = typer.Option(None, "--drop-attn", help="blocks whose attention branch is removed"),
     drop_mlp: Optional[str] = typer.Option(None, "--drop-mlp", help="blocks whose MLP branch is removed"),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="scores.json of `surgery score` on this model"),
+    drop_lowest: Optional[int] = typer.Option(None, "--drop-lowest", help="with --scores: remove the K lowest-valued units"),
     dtype: Optional[DType] = DTypeOpt,
     max_shard_size: str = ShardOpt,
     force: bool = ForceOpt,
@@ -110,9 +112,10 @@ def prune(
 ) -> None:
     """Remove blocks (or their attention / MLP branches) and write the result."""
     with user_errors():
-        if drop is None and keep is None and drop_attn is None and drop_mlp is None:
-            raise SurgeryError("prune needs --drop, --keep, --drop-attn or --drop-mlp")
-        spec = PlanSpec.from_args(drop=drop, keep=keep, drop_attn=drop_attn, drop_mlp=drop_mlp)
+        if drop is None and keep is None and drop_attn is None and drop_mlp is None and scores is None:
+            raise SurgeryError("prune needs --drop, --keep, --drop-attn, --drop-mlp or --scores with --drop-lowest")
+        spec = PlanSpec.from_args(drop=drop, keep=keep, drop_attn=drop_attn, drop_mlp=drop_mlp,
+                                  scores=str(scores) if scores else None, drop_lowest=drop_lowest)
         _write("prune", model, spec, out, dtype, max_shard_size, force, verify)
 
 
@@ -134,6 +137,45 @@ def expand(
             raise SurgeryError("expand needs --insert or --preset")
         spec = PlanSpec.from_args(insert=insert, preset=preset, drop=drop)
         _write("expand", model, spec, out, dtype, max_shard_size, force, verify)
+
+
+@app.command()
+def score(
+    model: str = ModelArg,
+    method: str = typer.Option("shapley", "--method", help="shapley | exact | ablation | window | angular | bi"),
+    unit: str = typer.Option("block", "--unit", help="block | attn | mlp (attn/mlp: both halves of every block)"),
+    tasks: str = typer.Option("arc_easy_local", "--tasks", help="comma-separated lm-eval tasks"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="folder of extra task YAMLs, e.g. tasks"),
+    limit: Optional[int] = typer.Option(100, "--limit", help="documents per task"),
+    metric: str = typer.Option("acc", "--metric", help="acc | acc_norm | loglik | margin"),
+    budget: int = typer.Option(400, "--budget", help="coalition evaluations for --method shapley"),
+    estimator: str = typer.Option("regression", "--estimator", help="regression | permutation"),
+    seed: int = typer.Option(0, "--seed"),
+    level: int = typer.Option(3, "--level", help="window length for --method window (seed 1 used 3)"),
+    position: str = typer.Option("last", "--position", help="angular distance at the last token or all tokens"),
+    out: Path = typer.Option(Path("scores.json"), "--out", help="scores JSON (evaluations go to the same name .sqlite)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG bar chart with error bars"),
+    resume: bool = typer.Option(False, "--resume", help="reuse the evaluations stored next to --out"),
+    force: bool = typer.Option(False, "--force", help="allow --method exact above 16 units"),
+    dtype: DType = typer.Option(DType.float32, "--dtype"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="text file for angular / bi"),
+) -> None:
+    """Layer importance: Shapley values with confidence intervals, ablation, angular distance, block influence."""
+    from surgery.score import ScoreOptions, run, table
+
+    with user_errors():
+        options = ScoreOptions(
+            model=model, method=method, unit=unit, tasks=tuple(t for t in tasks.split(",") if t),
+            include_path=include_path, limit=limit, metric=metric, budget=budget, estimator=estimator, seed=seed,
+            level=level, position=position, out=out, plot=plot, resume=resume, force=force, dtype=dtype.value,
+            batch_size=batch_size, calibration=calibration,
+        )
+        result = run(options, console)
+    Console().print(table(result))
+    eff = result["efficiency"]
+    console.print(f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
+                  f"{result['evaluations']} coalitions; written {out}" + (f" and {plot}" if plot else ""))
 
 
 @app.command()
