@@ -42,11 +42,12 @@ class LayeredLM(HFLM):
             kwargs["gguf_file"] = gguf_file
         if isinstance(pretrained, transformers.PreTrainedModel):
             # Leave the caller's model untouched: the variant lives on a clone sharing its weights.
-            plan = spec.resolve(num_layers(pretrained.config))
+            plan = spec.resolve(num_layers(pretrained.config), pretrained.config.model_type)
             if not plan.is_identity:
                 pretrained = clone_model(pretrained)
         else:
-            plan = spec.resolve(num_layers(_load_config(pretrained, kwargs)))
+            config = _load_config(pretrained, kwargs)
+            plan = spec.resolve(num_layers(config), config.model_type)
         super().__init__(pretrained=pretrained, **kwargs)
         self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
         self.variant: Variant | None = None

@@ -220,7 +220,7 @@ class PlanSpec:
     drop_mlp: tuple[Range, ...] = ()
     insert: tuple[tuple[int, str], ...] = ()
     preset: str | None = None
-    lowest: tuple[str, int, tuple[int, ...]] | None = None  # (unit, depth, units to drop) from a scores file
+    lowest: tuple[str, int, str | None, tuple[int, ...]] | None = None  # from a scores file: unit, depth, model_type, units
 
     ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest")
 
@@ -258,7 +258,7 @@ class PlanSpec:
     # -----------------------------------------------------------------------------------------
     # resolving against a depth
 
-    def resolve(self, num_layers: int) -> LayerPlan:
+    def resolve(self, num_layers: int, model_type: str | None = None) -> LayerPlan:
         """Check the plan against a model with `num_layers` blocks and build its slots."""
         n = num_layers
         preset_drops, inserts = self._preset(n)
@@ -273,10 +273,14 @@ class PlanSpec:
         attn = _resolve("drop_attn", self.drop_attn, n)
         mlp = _resolve("drop_mlp", self.drop_mlp, n)
         if self.lowest is not None:
-            unit, depth, units = self.lowest
+            unit, depth, scored_type, units = self.lowest
             if depth != n:
                 raise PlanError(
                     f"the scores file is for a model with {depth} blocks, this one has {n}; score this model with `surgery score`"
+                )
+            if scored_type and model_type and scored_type != model_type:
+                raise PlanError(
+                    f"the scores file is for a {scored_type} model, this one is {model_type}; score this model with `surgery score`"
                 )
             if unit == "block":
                 drops = sorted(set(drops) | set(units))
@@ -332,7 +336,7 @@ class PlanSpec:
         return [], [((j + 1) * n // k - 1, "copy-zero") for j in range(k)]
 
 
-def _lowest_units(scores: Any, k: Any) -> tuple[str, int, tuple[int, ...]] | None:
+def _lowest_units(scores: Any, k: Any) -> tuple[str, int, str | None, tuple[int, ...]] | None:
     """The K lowest-valued units of a `surgery score` file, as (unit, depth, unit indices)."""
     if scores is None and k is None:
         return None
@@ -350,7 +354,7 @@ def _lowest_units(scores: Any, k: Any) -> tuple[str, int, tuple[int, ...]] | Non
     if int(k) >= len(units):
         raise PlanError(f"drop_lowest={int(k)} would remove all {len(units)} {unit} units; drop fewer")
     lowest = sorted(units, key=lambda u: (u["value"], u["index"]))[: int(k)]
-    return unit, depth, tuple(sorted(u["index"] for u in lowest))
+    return unit, depth, data.get("model_type"), tuple(sorted(u["index"] for u in lowest))
 
 
 def _resolve_index(name: str, i: int, n: int) -> int:

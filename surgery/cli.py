@@ -72,7 +72,7 @@ def _write(command: str, model: str, spec: PlanSpec, out: Path, dtype: Optional[
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)
     source = open_model(model)
-    plan = spec.resolve(num_layers(source.config))
+    plan = spec.resolve(num_layers(source.config), source.config.get("model_type"))
     layout = source_layout(source)
     torch_dtype = getattr(torch, dtype.value) if dtype else None
     tensors = plan_tensors(source, plan, layout, torch_dtype)

@@ -37,8 +37,7 @@ class Estimate:
     extra: dict = field(default_factory=dict)
 
     def ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        df = self.extra.get("df")
-        z = _t_quantile(level, df) if df else _normal_quantile(level)
+        z = _quantile(level, self.extra.get("df"))
         return self.values - z * self.stderr, self.values + z * self.stderr
 
     @property
@@ -47,54 +46,12 @@ class Estimate:
         return float(self.values.sum() - (self.v_full - self.v_empty))
 
 
-def _normal_quantile(level: float) -> float:
-    from statistics import NormalDist
+def _quantile(level: float, df: int | None) -> float:
+    """Two-sided critical value: Student t with `df` degrees of freedom, else normal."""
+    from scipy import stats
 
-    return NormalDist().inv_cdf(0.5 + level / 2)
-
-
-def _t_quantile(level: float, df: int) -> float:
-    """Student-t quantile by bisection on the regularised incomplete beta (no SciPy needed)."""
-    if df >= 200:
-        return _normal_quantile(level)
-    target = 0.5 + level / 2
-
-    def cdf(t: float) -> float:
-        x = df / (df + t * t)
-        return 1 - 0.5 * _betainc(df / 2, 0.5, x)
-
-    lo, hi = 0.0, 100.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < target else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by continued fraction (Numerical Recipes' scheme)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
-    if x > (a + 1) / (a + b + 2):
-        return 1 - _betainc(b, a, 1 - x)
-    f, c, d = 1.0, 1.0, 0.0
-    for i in range(1, 400):
-        m = i // 2
-        if i == 1:
-            num = 1.0
-        elif i % 2 == 0:
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else:
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1 + num * d
-        d = 1 / (d if abs(d) > 1e-30 else 1e-30)
-        c = 1 + num / c if abs(c) > 1e-30 else 1e-30
-        f *= c * d
-        if abs(c * d - 1) < 1e-12:
-            break
-    return front * (f - 1) / a
+    q = 0.5 + level / 2
+    return float(stats.t.ppf(q, df) if df else stats.norm.ppf(q))
 
 
 def _ends(game: CachedGame) -> tuple[float, float]:

@@ -1,0 +1,132 @@
+"""Estimators against exact Shapley values on synthetic games with known values (pure numpy)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lm_eval_layers.importance import estimators as E
+from lm_eval_layers.importance.games import CachedGame, CornerstoneGame, NoisyGame, QuadraticGame
+
+
+def weights(n: int, seed: int = 0) -> np.ndarray:
+    w = np.random.default_rng(seed).gamma(2.0, 0.02, n)
+    w[0] *= 5
+    return w
+
+
+def quadratic(n: int, seed: int = 0) -> QuadraticGame:
+    J = np.random.default_rng(seed + 100).normal(0, 0.005, (n, n))
+    return QuadraticGame(weights(n, seed), J)
+
+
+def brute_force(game, n: int) -> np.ndarray:
+    """The definition: average marginal contribution over all n! orders."""
+    phi = np.zeros(n)
+    orders = list(itertools.permutations(range(n)))
+    for order in orders:
+        x = np.zeros(n, bool)
+        before = game(x[None])[0]
+        for p in order:
+            x[p] = True
+            after = game(x[None])[0]
+            phi[p] += after - before
+            before = after
+    return phi / len(orders)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_exact_equals_the_definition():
+    game = CornerstoneGame(weights(6), [0, 2])
+    np.testing.assert_allclose(E.exact(CachedGame(game)).values, brute_force(game, 6), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [8, 12, 16])
+def test_exact_matches_closed_form_of_quadratic_games(n):
+    game = quadratic(n)
+    est = E.exact(CachedGame(game))
+    np.testing.assert_allclose(est.values, game.shapley, atol=1e-12)
+    assert abs(est.efficiency_gap) < 1e-12 and est.evaluations == 2**n
+
+
+@pytest.mark.parametrize("n", [12, 16])
+def test_paired_estimators_are_exact_on_quadratic_games(n):
+    game = quadratic(n)
+    for est in (E.regression(CachedGame(game), 200, seed=1), E.permutation(CachedGame(game), 200, seed=1)):
+        np.testing.assert_allclose(est.values, game.shapley, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [12, 16])
+def test_estimators_approach_exact_values_on_a_cornerstone_game(n):
+    game = CornerstoneGame(weights(n), [0, 1])
+    truth = E.exact(CachedGame(game)).values
+    errors = {
+        "regression": np.median([rel_err(E.regression(CachedGame(game), 400, s).values, truth) for s in range(5)]),
+        "permutation": np.median([rel_err(E.permutation(CachedGame(game), 400, s).values, truth) for s in range(5)]),
+        "plain": np.median([rel_err(E.permutation(CachedGame(game), 400, s, antithetic=False).values, truth) for s in range(5)]),
+        "window": rel_err(E.window(CachedGame(game), 3).values, truth),
+    }
+    assert errors["regression"] < 0.15 and errors["permutation"] < 0.15
+    assert errors["window"] > 3 * max(errors["regression"], errors["permutation"])
+    assert errors["plain"] > errors["permutation"]
+    top = set(np.argsort(-truth)[:2])
+    assert set(np.argsort(-E.regression(CachedGame(game), 400, 0).values)[:2]) == top == {0, 1}
+
+
+def test_budget_is_respected_and_efficiency_holds():
+    game = CornerstoneGame(weights(16), [3])
+    for budget in (60, 200, 400):
+        cached = CachedGame(game)
+        est = E.regression(cached, budget, seed=2)
+        assert cached.evaluations <= budget
+        assert abs(est.efficiency_gap) < 1e-9  # regression solves under Σφ = v(N) − v(∅)
+        cached = CachedGame(game)
+        E.permutation(cached, budget, seed=2)
+        assert cached.evaluations <= budget
+
+
+def test_confidence_intervals_cover_the_truth_on_a_noisy_game():
+    game = NoisyGame(CornerstoneGame(weights(12), [0]), sigma=0.002)
+    truth = E.exact(CachedGame(game)).values
+    cover = {"regression": [], "permutation": []}
+    for seed in range(12):
+        for name, est in (("regression", E.regression(CachedGame(game), 300, seed)),
+                          ("permutation", E.permutation(CachedGame(game), 300, seed))):
+            lo, hi = est.ci()
+            cover[name].append(np.mean((truth >= lo) & (truth <= hi)))
+    assert np.mean(cover["regression"]) >= 0.85
+    assert np.mean(cover["permutation"]) >= 0.8
+
+
+def test_ablation_and_window_follow_their_definitions():
+    game = CornerstoneGame(weights(6), [1])
+    full = np.ones(6, bool)
+    abl = E.ablation(CachedGame(game))
+    for i in range(6):
+        x = full.copy()
+        x[i] = False
+        assert abl.values[i] == pytest.approx(game(full[None])[0] - game(x[None])[0])
+    win = E.window(CachedGame(game), level=2)
+    # unit 2 with level 2: {} ; W={1} (left) ; W={3} (right)
+
+    def removed(*units):
+        x = full.copy()
+        x[list(units)] = False
+        return game(x[None])[0]
+
+    expected = np.mean([removed() - removed(2), removed(1) - removed(1, 2), removed(3) - removed(3, 2)])
+    assert win.values[2] == pytest.approx(expected)
+
+
+def test_permutation_intervals_are_t_intervals_across_pairs():
+    from scipy import stats
+
+    est = E.permutation(CachedGame(CornerstoneGame(weights(8), [0])), 100, seed=0)
+    assert est.extra["df"] == est.extra["samples"] - 1 > 3
+    lo, hi = est.ci()
+    np.testing.assert_allclose((hi - lo) / 2, stats.t.ppf(0.975, est.extra["df"]) * est.stderr, rtol=1e-9)

@@ -1,0 +1,193 @@
+"""Layer importance on real (tiny) models through real lm-eval: exact Shapley values equal the
+definition, resume after a kill gives the values of an uninterrupted run, Shapley-scored
+variants in the plugin and in `surgery prune`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from conftest import DATA, TASKS, _SMALL
+from lm_eval_layers.importance.games import key
+from lm_eval_layers.importance.value import coalition_plan, example_scores, value_of
+from lm_eval_layers.model import LayeredLM
+from lm_eval_layers.plan import PlanError, PlanSpec
+from surgery.cli import app
+
+SURGERY = str(Path(sys.executable).with_name("surgery"))
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 4-block random Llama with a real tokenizer: 16 coalitions, cheap enough for exact."""
+    tok = T.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = T.LlamaConfig(**{**_SMALL, "vocab_size": len(tok), "num_hidden_layers": 4}, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny4")
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def score_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["score", str(model), "--tasks", "arc_easy_local", "--include-path", str(TASKS), "--limit", "3",
+            "--metric", "loglik", "--out", str(out), *extra]
+
+
+def stored_values(sqlite_path: Path, metric: str) -> dict[int, float]:
+    with sqlite3.connect(sqlite_path) as db:
+        return {int(c, 16): value_of(json.loads(s), metric) for c, s in db.execute("SELECT coalition, scores FROM coalitions")}
+
+
+def test_coalition_plans():
+    plan = coalition_plan(np.array([1, 0, 1, 0], bool), "block", 4)
+    assert plan.dropped == (1, 3)
+    empty = coalition_plan(np.zeros(4, bool), "block", 4)  # v(∅): every branch removed, nothing dropped
+    assert len(empty.slots) == 4 and all(s.drop_attn and s.drop_mlp for s in empty.slots)
+    halves = coalition_plan(np.array([0, 1, 0, 0, 1, 1], bool), "attn", 3)  # attn0 mlp0 attn1 mlp1 attn2 mlp2
+    assert halves.dropped == (1,)
+    assert [(s.source, s.drop_attn, s.drop_mlp) for s in halves.slots] == [(0, True, False), (2, False, False)]
+
+
+def test_example_scores_from_a_logged_sample():
+    sample = {"target": 2, "acc": 1.0, "acc_norm": 0.0, "filtered_resps": [[-3.0, False], [-2.5, False], [-1.0, True]]}
+    assert example_scores(sample) == {"acc": 1.0, "acc_norm": 0.0, "loglik": -1.0, "margin": 1.5, "chance": 1 / 3}
+
+
+def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, local_data):
+    out = tmp_path / "scores.json"
+    result = CliRunner().invoke(app, score_args(tiny4, out, "--method", "exact", "--plot", str(tmp_path / "s.png")))
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    values = stored_values(out.with_suffix(".sqlite"), "loglik")
+    assert len(values) == 16 and scores["evaluations"] == 16
+    phi = np.zeros(4)
+    for order in itertools.permutations(range(4)):
+        x = np.zeros(4, bool)
+        for p in order:
+            before = values[key(x)]
+            x[p] = True
+            phi[p] += values[key(x)] - before
+    phi /= 24
+    np.testing.assert_allclose([u["value"] for u in scores["units"]], phi, atol=1e-9)
+    assert scores["efficiency"]["gap"] == pytest.approx(0, abs=1e-9)
+    assert all(u["sample_stderr"] > 0 for u in scores["units"])
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # One stored value, checked against an independent evaluation of that variant.
+    lm = LayeredLM(pretrained=str(tiny4), drop="1,3", dtype="float32", device="cpu", batch_size=32)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    res = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy_local"], limit=3, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(TASKS)))
+    ll = [example_scores(s)["loglik"] for s in res["samples"]["arc_easy_local"]]
+    assert values[key(np.array([1, 0, 1, 0], bool))] == pytest.approx(np.mean(ll), abs=1e-9)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path, local_data):
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
+    args = ["--method", "shapley", "--estimator", "permutation", "--budget", "24", "--seed", "3"]
+    full = tmp_path / "full.json"
+    subprocess.run([SURGERY, *score_args(tiny_llama_dir, full, *args)], env=env, check=True, capture_output=True)
+    part = tmp_path / "part.json"
+    proc = subprocess.Popen([SURGERY, *score_args(tiny_llama_dir, part, *args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = part.with_suffix(".sqlite")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if store.exists():
+            try:
+                with sqlite3.connect(store) as db:
+                    if db.execute("SELECT COUNT(*) FROM coalitions").fetchone()[0] >= 6:
+                        break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not part.exists()  # killed before the end
+    again = subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args)], env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to mix runs silently
+    subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args, "--resume")], env=env, check=True, capture_output=True)
+    a, b = json.loads(full.read_text()), json.loads(part.read_text())
+    assert b["reused"] >= 6 and b["new_evaluations"] < a["new_evaluations"]
+    assert [u["value"] for u in a["units"]] == [u["value"] for u in b["units"]]
+    assert [u["stderr"] for u in a["units"]] == [u["stderr"] for u in b["units"]]
+
+
+def _scores_file(path: Path, unit: str, values: list[float], num_layers: int = 6, model_type: str = "llama") -> Path:
+    units = [{"name": f"{unit} {i}", "index": i, "value": v} for i, v in enumerate(values)]
+    path.write_text(json.dumps({"unit": unit, "num_layers": num_layers, "model_type": model_type, "units": units}))
+    return path
+
+
+def test_drop_lowest_in_the_plugin_and_the_cli(tiny_llama_dir, tmp_path):
+    blocks = _scores_file(tmp_path / "b.json", "block", [0.5, 0.01, 0.2, -0.1, 0.3, 0.02])
+    lm = LayeredLM(pretrained=str(tiny_llama_dir), scores=str(blocks), drop_lowest=3, device="cpu")
+    assert lm.plan.dropped == (1, 3, 5)
+    halves = _scores_file(tmp_path / "h.json", "attn", [0.9, 0.1, 0.8, 0.05, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.95, 0.85])
+    plan = PlanSpec.from_args(scores=str(halves), drop_lowest=2).resolve(6)
+    assert [(s.source, s.drop_attn, s.drop_mlp) for s in plan.slots if s.drop_attn or s.drop_mlp] == [(0, False, True), (1, False, True)]
+    result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--scores", str(blocks), "--drop-lowest", "2",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_scores_from_another_model_are_refused(tiny_llama_dir, tmp_path):
+    other = _scores_file(tmp_path / "o.json", "block", [0.1] * 24, num_layers=24)
+    with pytest.raises(PlanError, match="scores file is for a model with 24 blocks, this one has 6"):
+        LayeredLM(pretrained=str(tiny_llama_dir), scores=str(other), drop_lowest=2, device="cpu")
+    arch = _scores_file(tmp_path / "a.json", "block", [0.1] * 6, model_type="gpt2")
+    with pytest.raises(PlanError, match="scores file is for a gpt2 model, this one is llama"):
+        LayeredLM(pretrained=str(tiny_llama_dir), scores=str(arch), drop_lowest=2, device="cpu")
+    with pytest.raises(PlanError, match="go together"):
+        PlanSpec.from_args(drop_lowest=2)
+    with pytest.raises(PlanError, match="does not exist"):
+        PlanSpec.from_args(scores=str(tmp_path / "nope.json"), drop_lowest=1)
+
+
+def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
+    for method in ("angular", "bi"):
+        out = tmp_path / f"{method}.json"
+        result = CliRunner().invoke(app, ["score", str(tiny_llama_dir), "--method", method, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        values = [u["value"] for u in json.loads(out.read_text())["units"]]
+        assert len(values) == 6 and all(0 < v < (1 if method == "angular" else 2) for v in values)
+    # Cross-check block 0's influence from output_hidden_states (its input and output).
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    tok = T.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    from lm_eval_layers.importance.similarity import block_similarity, calibration_batches
+
+    batches = calibration_batches(tok, (DATA / "wikitext2" / "wiki.test.raw").read_text())
+    sims = block_similarity(model, batches)
+    with torch.no_grad():
+        expected = np.mean([1 - torch.nn.functional.cosine_similarity(*model(b, output_hidden_states=True).hidden_states[0:2], dim=-1).mean().item()
+                            for b in batches])
+    assert sims["bi"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_score_refuses_bad_options_before_loading(tmp_path):
+    runner = CliRunner()
+    for args, message in [
+        (["--method", "magic"], "--method 'magic' is unknown"),
+        (["--unit", "head"], "--unit 'head' is unknown"),
+        (["--metric", "f1"], "--metric 'f1' is unknown"),
+        (["--method", "angular", "--unit", "attn"], "scores blocks"),
+        (["--estimator", "mc"], "--estimator 'mc' is unknown"),
+    ]:
+        result = runner.invoke(app, ["score", "does-not-matter", "--out", str(tmp_path / "s.json"), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output
