@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -98,3 +99,23 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
 
     got, expected = loglikelihoods(layered.samples["arc_easy_local"]), loglikelihoods(hf)
     assert len(got) == 24 and got == expected
+
+
+def test_ablation_ranks_an_early_cornerstone_block_first(smollm2, local_data, tmp_path):
+    """DESIGN.md 3.4: removing block 0 or 1 costs the most; a cheap smooth metric shows it."""
+    from lm_eval_layers.importance.scoring import score_units
+    from lm_eval_layers.importance.value import Store, TaskGame, example_scores
+
+    manager = TaskManager(include_path=str(TASKS))
+
+    def evaluate(plan):
+        samples = evaluate_plans(smollm2, [("c", plan)], ["arc_easy_local"], manager, limit=8, log_samples=True)[0].samples
+        per = [example_scores(s) for s in samples["arc_easy_local"]]
+        return {"arc_easy_local": {m: [p[m] for p in per] for m in per[0]}}
+
+    game = TaskGame(evaluate, 30, "block", "loglik", Store(tmp_path / "s.sqlite", {"test": 1}))
+    est, _, sample_se = score_units(game, "ablation", 0, "regression", 0, 3)
+    ranking = list(np.argsort(-est.values))
+    assert ranking[0] in (0, 1), ranking[:5]
+    assert est.values[ranking[0]] > 5 * np.median(est.values)  # a cornerstone, not a close call
+    assert sample_se[ranking[0]] > 0
