@@ -68,7 +68,6 @@ def run(o: ScoreOptions, console: Console) -> dict:
     from lm_eval.tasks import TaskManager
 
     from lm_eval_layers.arch import num_layers
-    from lm_eval_layers.evaluate import evaluate_plans
     from lm_eval_layers.model import LayeredLM
 
     validate(o)
@@ -99,14 +98,7 @@ def run(o: ScoreOptions, console: Console) -> dict:
         manager = TaskManager(include_path=str(o.include_path) if o.include_path else None)
         tasks = list(o.tasks)
 
-        def evaluate(plan):
-            samples = evaluate_plans(lm, [("coalition", plan)], tasks, manager, limit=o.limit, log_samples=True)[0].samples
-            out = {}
-            for task, rows in samples.items():
-                per = [example_scores(s) for s in sorted(rows, key=lambda s: s["doc_id"])]
-                out[task] = {m: [p[m] for p in per] for m in per[0]}
-            return out
-
+        evaluate = _evaluator(lm, tasks, manager, o.limit, console)
         context = {"model": o.model, "dtype": o.dtype, "tasks": sorted(tasks), "limit": o.limit, "unit": o.unit}
         o.out.parent.mkdir(parents=True, exist_ok=True)
         store = Store(o.out.with_suffix(".sqlite"), context)
@@ -126,6 +118,31 @@ def run(o: ScoreOptions, console: Console) -> dict:
     if o.plot:
         plot(result, o.plot)
     return result
+
+
+def _evaluator(lm, tasks: list[str], manager, limit: int | None, console: Console):
+    """Per-example scores of a variant: the fast path (prepared requests, prefix reuse) for
+    log-likelihood tasks, else lm-eval's own loop."""
+    from lm_eval_layers.evaluate import evaluate_plans
+    from lm_eval_layers.fast import FastEvaluator, PreparedTasks, UnsupportedTask
+
+    try:
+        with console.status("preparing requests and caching the full model's hidden states…"):
+            fast = FastEvaluator(lm, PreparedTasks(lm, tasks, manager, limit))
+        return lambda plan: fast.evaluate(plan)[1]
+    except UnsupportedTask as e:
+        console.print(f"slow path: {e}")
+
+    def slow(plan):
+        samples = evaluate_plans(lm, [("coalition", plan)], tasks, manager, limit=limit, log_samples=True)[0].samples
+        out = {}
+        for task, rows in samples.items():
+            per = [example_scores(s) for s in sorted(rows, key=lambda s: s["doc_id"])]
+            keys = [k for k in per[0] if all(k in p for p in per)]
+            out[task] = {m: [p[m] for p in per] for m in keys}
+        return out
+
+    return slow
 
 
 def _expected(o: ScoreOptions, n: int) -> int:

@@ -102,18 +102,22 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
 
 
 def test_ablation_ranks_an_early_cornerstone_block_first(smollm2, local_data, tmp_path):
-    """DESIGN.md 3.4: removing block 0 or 1 costs the most; a cheap smooth metric shows it."""
+    """DESIGN.md 3.4: removing block 0 or 1 costs the most; a cheap smooth metric shows it.
+    Runs on the fast path, checked against lm-eval's own loop on the same slice."""
+    from lm_eval_layers.fast import FastEvaluator, PreparedTasks
     from lm_eval_layers.importance.scoring import score_units
-    from lm_eval_layers.importance.value import Store, TaskGame, example_scores
+    from lm_eval_layers.importance.value import Store, TaskGame
 
     manager = TaskManager(include_path=str(TASKS))
+    fast = FastEvaluator(smollm2, PreparedTasks(smollm2, ["arc_easy_local"], manager, limit=20))
+    for plan in (PlanSpec(), PlanSpec.from_args(drop=0), PlanSpec.from_args(drop=15)):
+        resolved = plan.resolve(30)
+        metrics, _ = fast.evaluate(resolved)
+        slow = evaluate_plans(smollm2, [("x", resolved)], ["arc_easy_local"], manager, limit=20)[0]
+        for metric in ("acc", "acc_norm"):
+            assert metrics["arc_easy_local"][metric] == slow.metrics["arc_easy_local"][f"{metric},none"]
 
-    def evaluate(plan):
-        samples = evaluate_plans(smollm2, [("c", plan)], ["arc_easy_local"], manager, limit=8, log_samples=True)[0].samples
-        per = [example_scores(s) for s in samples["arc_easy_local"]]
-        return {"arc_easy_local": {m: [p[m] for p in per] for m in per[0]}}
-
-    game = TaskGame(evaluate, 30, "block", "loglik", Store(tmp_path / "s.sqlite", {"test": 1}))
+    game = TaskGame(lambda plan: fast.evaluate(plan)[1], 30, "block", "loglik", Store(tmp_path / "s.sqlite", {"test": 1}))
     est, _, sample_se = score_units(game, "ablation", 0, "regression", 0, 3)
     ranking = list(np.argsort(-est.values))
     assert ranking[0] in (0, 1), ranking[:5]

@@ -53,19 +53,19 @@ def coalition_plan(coalition: np.ndarray, unit: str, num_layers: int) -> LayerPl
     return LayerPlan(num_layers, tuple(slots))
 
 
-def example_scores(sample: dict[str, Any]) -> dict[str, float]:
+def example_scores(sample: dict[str, Any], gold: int | None = None) -> dict[str, float]:
     """All metrics of one logged lm-eval sample: acc, acc_norm, and the smooth ones from the
-    same requests (log-likelihood of the gold answer and its margin over the best wrong one)."""
+    same requests (log-likelihood of the gold answer and its margin over the best wrong one).
+    `gold` is the answer's index; by default the sample's `target` when it is one."""
     out = {m: float(sample[m]) for m in ("acc", "acc_norm") if m in sample}
-    target = sample.get("target")
-    target = int(target) if isinstance(target, str) and target.isdigit() else target
+    if gold is None:
+        target = sample.get("target")
+        gold = int(target) if isinstance(target, (int, np.integer)) or (isinstance(target, str) and target.isdigit()) else None
     lls = [float(r[0]) for r in sample.get("filtered_resps", [])]
-    if isinstance(target, (int, np.integer)) and 0 <= target < len(lls):
-        out["loglik"] = lls[target]
-        wrong = [ll for j, ll in enumerate(lls) if j != target]
-        if wrong:
-            out["margin"] = lls[target] - max(wrong)
-            out["chance"] = 1 / len(lls)  # accuracy of guessing among the choices
+    if gold is not None and 0 <= gold < len(lls) and len(lls) > 1:
+        out["loglik"] = lls[gold]
+        out["margin"] = lls[gold] - max(ll for j, ll in enumerate(lls) if j != gold)
+        out["chance"] = 1 / len(lls)  # accuracy of guessing among the choices
     elif len(lls) == 1:
         out["loglik"] = lls[0]
     return out
