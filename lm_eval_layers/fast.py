@@ -69,12 +69,18 @@ class PreparedTasks:
                 context, continuation = inst.args
                 ctx, cont = self._encode(lm, context, continuation)
                 self.requests.append(Request(name, inst.doc_id, inst.idx, (ctx + cont)[-(lm.max_length + 1):][:-1], cont))
-        order = sorted(range(len(self.requests)), key=lambda i: -len(self.requests[i].tokens))
+        # Rows whose continuations start at the same position share a batch (the choices of one
+        # document do), so the logits kept per batch are about the continuations alone.
+        def start(i: int) -> int:
+            return len(self.requests[i].tokens) - len(self.requests[i].cont)
+
+        order = sorted(range(len(self.requests)), key=lambda i: (-start(i), -len(self.requests[i].tokens)))
         self.batches: list[list[int]] = []
-        for i in order:  # longest first; similar lengths together, so little padding and few kept logits
+        for i in order:
             batch = self.batches[-1] if self.batches else []
-            if batch and len(batch) < batch_size and (len(batch) + 1) * len(self.requests[batch[0]].tokens) <= max_batch_tokens:
-                self.batches[-1].append(i)
+            width = max((len(self.requests[j].tokens) for j in batch), default=0)
+            if batch and len(batch) < batch_size and (len(batch) + 1) * max(width, len(self.requests[i].tokens)) <= max_batch_tokens:
+                batch.append(i)
             else:
                 self.batches.append([i])
 
@@ -105,7 +111,7 @@ class FastEvaluator:
 
     def _batch(self, b: int) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         reqs = [self.prepared.requests[i] for i in self.prepared.batches[b]]
-        width = len(reqs[0].tokens)
+        width = max(len(r.tokens) for r in reqs)
         ids = torch.zeros(len(reqs), width, dtype=torch.long)
         for row, r in enumerate(reqs):
             ids[row, : len(r.tokens)] = torch.tensor(r.tokens)
@@ -154,7 +160,7 @@ class FastEvaluator:
     def _cache_full_model(self, budget: int) -> None:
         blocks = self.layout.find_blocks(self.model)
         per_boundary = sum(
-            len(batch) * len(self.prepared.requests[batch[0]].tokens) for batch in self.prepared.batches
+            len(batch) * max(len(self.prepared.requests[i].tokens) for i in batch) for batch in self.prepared.batches
         ) * self.model.config.hidden_size * next(self.model.parameters()).element_size()
         count = min(self.num_layers - 1, budget // max(per_boundary, 1))
         wanted = range(1, count + 1)
