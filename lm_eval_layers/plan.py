@@ -117,9 +117,6 @@ class LayerPlan:
         )
         return cls(int(data["num_layers"]), slots)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 def format_indices(indices: Iterable[int]) -> str:
     """`[1,2,3,7]` -> `1-3,7`: compact and in the plan's own syntax."""

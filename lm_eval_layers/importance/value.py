@@ -44,7 +44,7 @@ def coalition_plan(coalition: np.ndarray, unit: str, num_layers: int) -> LayerPl
     else:
         attn, mlp = kept[0::2], kept[1::2]
     gone = ~attn & ~mlp
-    drop_whole = gone.all() == False  # noqa: E712 (numpy bool)
+    drop_whole = not bool(gone.all())
     slots = []
     for i in range(num_layers):
         if gone[i] and drop_whole:
@@ -97,10 +97,6 @@ class Store:
             "INSERT OR REPLACE INTO coalitions VALUES (?, ?, ?)", (self.context, coalition, json.dumps(scores))
         )
         self.db.commit()
-
-    def all(self) -> dict[str, dict[str, dict[str, list[float]]]]:
-        rows = self.db.execute("SELECT coalition, scores FROM coalitions WHERE context = ?", (self.context,))
-        return {c: json.loads(s) for c, s in rows}
 
 
 def value_of(scores: dict[str, dict[str, list[float]]], metric: str) -> float:
