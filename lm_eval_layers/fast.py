@@ -6,7 +6,8 @@ lm-eval builds the documents and requests once and they are tokenised once, exac
 - prefix reuse: the full model's hidden states at block boundaries are cached (within a memory
   budget), so a variant starts at its first slot that differs from the full model, e.g. leaving
   out block k computes only the blocks after k;
-- batches of similar length, so little padding is computed.
+- each context computed once per document (its choices run on top of its KV cache), and only
+  contexts of equal length batched together, so no context is padded.
 Results go through each task's own `process_results`, so metrics are lm-eval's.
 Supports `loglikelihood` and `multiple_choice` tasks (not `loglikelihood_rolling` or generation).
 """
@@ -37,8 +38,18 @@ class Request:
     task: str
     doc_id: int
     idx: int
-    tokens: list[int]  # model input: (context + continuation)[-(max_length + 1):][:-1]
+    ctx: tuple[int, ...]  # context as the model sees it (left-truncated like `hf` when too long)
     cont: list[int]
+
+
+@dataclass
+class Batch:
+    """Documents whose contexts have the same length: each context is run once, then all the
+    documents' continuations run on top of the contexts' KV caches."""
+
+    contexts: list[tuple[int, ...]]
+    rows: list[int]  # request indices
+    group: list[int]  # for each row, the index of its context in `contexts`
 
 
 def _leaves(task_dict: dict) -> dict[str, Any]:
@@ -55,7 +66,7 @@ class PreparedTasks:
     """The requests of a task set, built by lm-eval once and tokenised like `hf` does."""
 
     def __init__(self, lm: Any, tasks: list[str], task_manager: TaskManager, limit: int | None,
-                 batch_size: int = 32, max_batch_tokens: int = 8192) -> None:
+                 batch_size: int = 64, max_batch_tokens: int = 8192) -> None:
         self.tasks = _leaves(get_task_dict(tasks, task_manager))
         self.docs: dict[str, dict[int, dict]] = {}
         self.requests: list[Request] = []
@@ -68,21 +79,28 @@ class PreparedTasks:
                 self.docs[name][inst.doc_id] = inst.doc
                 context, continuation = inst.args
                 ctx, cont = self._encode(lm, context, continuation)
-                self.requests.append(Request(name, inst.doc_id, inst.idx, (ctx + cont)[-(lm.max_length + 1):][:-1], cont))
-        # Rows whose continuations start at the same position share a batch (the choices of one
-        # document do), so the logits kept per batch are about the continuations alone.
-        def start(i: int) -> int:
-            return len(self.requests[i].tokens) - len(self.requests[i].cont)
-
-        order = sorted(range(len(self.requests)), key=lambda i: (-start(i), -len(self.requests[i].tokens)))
-        self.batches: list[list[int]] = []
-        for i in order:
-            batch = self.batches[-1] if self.batches else []
-            width = max((len(self.requests[j].tokens) for j in batch), default=0)
-            if batch and len(batch) < batch_size and (len(batch) + 1) * max(width, len(self.requests[i].tokens)) <= max_batch_tokens:
-                batch.append(i)
-            else:
-                self.batches.append([i])
+                whole = (ctx + cont)[-(lm.max_length + 1):]
+                self.requests.append(Request(name, inst.doc_id, inst.idx, tuple(whole[: len(whole) - len(cont)]), cont))
+        # Requests sharing a context (the choices of a document) share its computation; contexts of
+        # equal length are batched together, so no context is padded and positions stay exact.
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(self.requests):
+            by_context.setdefault(r.ctx, []).append(i)
+        by_length: dict[int, list[tuple[int, ...]]] = {}
+        for ctx in by_context:
+            by_length.setdefault(len(ctx), []).append(ctx)
+        self.batches: list[Batch] = []
+        for length in sorted(by_length, reverse=True):
+            batch: Batch | None = None
+            for ctx in by_length[length]:
+                rows = by_context[ctx]
+                width = length + max(len(self.requests[i].cont) for i in rows)
+                if batch is None or len(batch.rows) + len(rows) > batch_size or (len(batch.rows) + len(rows)) * width > max_batch_tokens:
+                    batch = Batch([], [], [])
+                    self.batches.append(batch)
+                batch.group += [len(batch.contexts)] * len(rows)
+                batch.contexts.append(ctx)
+                batch.rows += rows
 
     @staticmethod
     def _encode(lm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -102,75 +120,78 @@ class FastEvaluator:
         self.layout = layout_for(self.model)
         self.num_layers = len(self.layout.find_blocks(self.model))
         self.device = self.model.device
-        self.boundaries: dict[int, list[torch.Tensor]] = {}  # k -> input of block k, per batch
+        self.boundaries: dict[int, dict[tuple[int, str], torch.Tensor]] = {}  # k -> input of block k, per pass
+        self._capture = None
         self._full: list[tuple[float, bool]] | None = None
         self.blocks_run = self.num_layers  # blocks computed by the last variant (prefix reuse shows here)
         self._cache_full_model(cache_bytes)
 
     # -- model passes -------------------------------------------------------------------------
 
-    def _batch(self, b: int) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
-        reqs = [self.prepared.requests[i] for i in self.prepared.batches[b]]
-        width = max(len(r.tokens) for r in reqs)
-        ids = torch.zeros(len(reqs), width, dtype=torch.long)
-        for row, r in enumerate(reqs):
-            ids[row, : len(r.tokens)] = torch.tensor(r.tokens)
-        start = min(len(r.tokens) - len(r.cont) for r in reqs)
-        keep = torch.arange(start, width)
-        return ids.to(self.device), reqs, keep
-
-    def _score(self, logits: torch.Tensor, reqs: list[Request], keep: torch.Tensor) -> list[tuple[float, bool]]:
-        """(sum of continuation log-probs, all greedy) per request, as HFLM computes them; the
-        softmax runs only over the continuation positions."""
-        start = int(keep[0])
-        rows = [logits[row, len(r.tokens) - start - len(r.cont): len(r.tokens) - start] for row, r in enumerate(reqs)]
-        logprobs = F.log_softmax(torch.cat(rows), dim=-1, dtype=self.lm.softmax_dtype)
-        out = []
-        offset = 0
-        for r in reqs:
-            lp = logprobs[offset: offset + len(r.cont)]
-            offset += len(r.cont)
-            cont = torch.tensor(r.cont, device=lp.device)
-            greedy = bool((lp.argmax(-1) == cont).all())
-            out.append((float(lp.gather(1, cont[:, None]).sum()), greedy))
-        return out
+    def _pass(self, ids: torch.Tensor, key: tuple[int, str], first: int, **kwargs: Any):
+        """One forward pass; with `first` > 0 the first block's input is that cached boundary."""
+        handle = None
+        if first > 0:
+            block = self.layout.find_blocks(self.model)[0]
+            handle = block.register_forward_pre_hook(_replace_input(self.boundaries[first][key]), with_kwargs=True)
+        elif self._capture is not None:
+            handle = self._capture(key)
+        try:
+            return self.model(ids.to(self.device), **kwargs)
+        finally:
+            if handle is not None:
+                for h in handle if isinstance(handle, list) else [handle]:
+                    h.remove()
 
     @torch.no_grad()
     def _run(self, first: int = 0) -> list[tuple[float, bool]]:
-        """All requests through the current model; the first block's input is the cached
-        boundary `first` when `first` > 0 (its earlier blocks are not in the model)."""
+        """All requests through the current model: each batch's contexts once, then every
+        continuation on top of its context's KV cache (only where it has more than one token)."""
         results: list[tuple[float, bool] | None] = [None] * len(self.prepared.requests)
-        for b in range(len(self.prepared.batches)):
-            ids, reqs, keep = self._batch(b)
-            handle = None
-            if first > 0:
-                cached = self.boundaries[first][b]
-                block = self.layout.find_blocks(self.model)[0]
-                handle = block.register_forward_pre_hook(_replace_input(cached), with_kwargs=True)
-            try:
-                logits = self.model(ids, logits_to_keep=keep.to(self.device)).logits
-            finally:
-                if handle is not None:
-                    handle.remove()
-            for i, res in zip(self.prepared.batches[b], self._score(logits, reqs, keep)):
-                results[i] = res
+        for b, batch in enumerate(self.prepared.batches):
+            reqs = [self.prepared.requests[i] for i in batch.rows]
+            out = self._pass(torch.tensor(batch.contexts), (b, "ctx"), first, use_cache=True, logits_to_keep=1)
+            rows = [reqs[k].cont[:-1] for k in range(len(reqs))]
+            cont_logits = None
+            width = max(len(r) for r in rows)
+            if width:
+                ids = torch.zeros(len(rows), width, dtype=torch.long)
+                for k, r in enumerate(rows):
+                    ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+                cache = out.past_key_values
+                cache.reorder_cache(torch.tensor(batch.group, device=self.device))
+                cont_logits = self._pass(ids, (b, "cont"), first, past_key_values=cache, use_cache=True).logits
+            for k, (i, r) in enumerate(zip(batch.rows, reqs)):
+                parts = [out.logits[batch.group[k], -1:]]
+                if len(r.cont) > 1:
+                    parts.append(cont_logits[k, : len(r.cont) - 1])
+                results[i] = self._score(torch.cat(parts), r.cont)
         return results  # type: ignore[return-value]
+
+    def _score(self, logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """(sum of continuation log-probs, all greedy), as HFLM computes them."""
+        lp = F.log_softmax(logits, dim=-1, dtype=self.lm.softmax_dtype)
+        target = torch.tensor(cont, device=lp.device)
+        return float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
 
     @torch.no_grad()
     def _cache_full_model(self, budget: int) -> None:
         blocks = self.layout.find_blocks(self.model)
-        per_boundary = sum(
-            len(batch) * max(len(self.prepared.requests[i].tokens) for i in batch) for batch in self.prepared.batches
-        ) * self.model.config.hidden_size * next(self.model.parameters()).element_size()
+        tokens = sum(len(b.contexts) * len(b.contexts[0]) + len(b.rows) * max(len(self.prepared.requests[i].cont) for i in b.rows)
+                     for b in self.prepared.batches)
+        per_boundary = tokens * self.model.config.hidden_size * next(self.model.parameters()).element_size()
         count = min(self.num_layers - 1, budget // max(per_boundary, 1))
-        wanted = range(1, count + 1)
-        self.boundaries = {k: [] for k in wanted}
-        handles = [blocks[k].register_forward_pre_hook(_capture(self.boundaries[k]), with_kwargs=True) for k in wanted]
+        self.boundaries = {k: {} for k in range(1, count + 1)}
+
+        def capture(key: tuple[int, str]) -> list:
+            return [blocks[k].register_forward_pre_hook(_capture(self.boundaries[k], key), with_kwargs=True)
+                    for k in self.boundaries]
+
+        self._capture = capture
         try:
             self._full = self._run()
         finally:
-            for h in handles:
-                h.remove()
+            self._capture = None
 
     # -- variants -----------------------------------------------------------------------------
 
@@ -220,9 +241,9 @@ def _gold(task: Any, doc: dict) -> int | None:
     return target if isinstance(target, int) else None
 
 
-def _capture(store: list[torch.Tensor]):
+def _capture(store: dict, key: tuple[int, str]):
     def hook(_module, args, kwargs):
-        store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        store[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
     return hook
 

@@ -29,8 +29,8 @@ def _branch_output(hidden_states: torch.Tensor, args: tuple, residual_inside: bo
 class SkippedAttention(nn.Module):
     """A removed attention branch: adds nothing to the residual stream and computes nothing.
 
-    It still records the tokens in its KV-cache entry (with zero-width keys), because
-    transformers reads the past length from cache layer 0 when generating.
+    It still records the tokens in its KV-cache entry (one-wide zero keys: a zero-width entry
+    would count as empty), because transformers reads the past length from cache layer 0.
     """
 
     def __init__(self, residual_inside: bool = False) -> None:
@@ -42,8 +42,8 @@ class SkippedAttention(nn.Module):
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is not None and hasattr(cache, "update"):
             batch, length = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(batch, 1, length, 0)
-            cache.update(empty, empty, self.layer_idx)
+            placeholder = hidden_states.new_zeros(batch, 1, length, 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return _branch_output(hidden_states, args, self.residual_inside), None
 
 
