@@ -3,7 +3,9 @@
     lm_eval --model layered --model_args pretrained=MODEL,drop=24-27 --tasks ...
 
 Everything else is lm-eval's `HFLM` (subclassed, not forked), so every `hf` argument keeps
-working. The plan is resolved against the config before any weight is loaded, so a bad plan
+working. Log-likelihood requests of causal models run each shared context once
+(`loglikelihood.py`): the same numbers as `hf` (to float rounding), less compute; `fast=False`
+gives `hf`'s own loop. The plan is resolved against the config before any weight is loaded, so a bad plan
 fails in a second, not after minutes of loading.
 """
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import transformers
+from tqdm import tqdm
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_layers.arch import num_layers
 from lm_eval_layers.default_model import resolve_alias
+from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
 from lm_eval_layers.variant import Variant, apply_plan, clone_model
 
@@ -35,7 +39,8 @@ def _load_config(pretrained: str, kwargs: dict[str, Any]) -> Any:
 class LayeredLM(HFLM):
     """An `hf` model evaluated as a variant: blocks dropped, halves removed, blocks inserted."""
 
-    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", **kwargs: Any) -> None:
+    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool = True, **kwargs: Any) -> None:
+        self.fast = fast if isinstance(fast, bool) else str(fast).lower() in ("1", "true", "yes")
         spec = PlanSpec.from_args(**plan_args(kwargs))
         pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))
         if gguf_file is not None:
@@ -64,3 +69,18 @@ class LayeredLM(HFLM):
             self.variant = apply_plan(self._model, plan)
         self.plan = plan
         return plan
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+        """Shared contexts computed once (causal models); `hf`'s loop otherwise or with fast=False."""
+        if not self.fast or self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        reqs = [Request.from_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
+        rows = override_bs or (self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size)
+        batches = make_batches(reqs, rows, window=attention_window(self.model.config))
+        bar = tqdm(total=len(reqs), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+        results = run_batches(self.model, batches, len(reqs), self.softmax_dtype, progress=bar.update)
+        bar.close()
+        for (key, _, _), answer in zip(requests, results):
+            if key is not None:  # rolling windows are cached per document by loglikelihood_rolling
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results

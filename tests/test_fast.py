@@ -4,12 +4,17 @@ every log-likelihood task of the suite; and it reuses the full model's prefix.""
 
 from __future__ import annotations
 
+import random
+
 import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from conftest import DATA, TASKS
+from conftest import DATA, TASKS, make_model
 from lm_eval_layers.evaluate import evaluate_plans
 from lm_eval_layers.fast import FastEvaluator, PreparedTasks, UnsupportedTask
+from lm_eval_layers.loglikelihood import Request, make_batches
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
 
@@ -20,7 +25,7 @@ PLANS = [{}, {"drop": "1;3"}, {"drop": 0}, {"insert": "2:avg", "drop_attn": 0}, 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama_dir):
-    lm = LayeredLM(pretrained=str(tiny_llama_dir), dtype="float32", device="cpu", batch_size=16)
+    lm = LayeredLM(pretrained=str(tiny_llama_dir), dtype="float32", device="cpu", batch_size=16, fast=False)  # hf's loop
     return lm, TaskManager(include_path=str(TASKS))
 
 
@@ -38,7 +43,7 @@ def test_fast_path_matches_lm_eval(setup, fast, kwargs, local_data):
     plan = PlanSpec.from_args(**kwargs).resolve(6)
     metrics, examples = fast.evaluate(plan)
     slow = evaluate_plans(lm, [("x", plan)], SUITE, manager, limit=4, log_samples=True)[0]
-    fast_ll = {(r.task, r.doc_id, r.idx): ll for r, (ll, _) in zip(fast.prepared.requests, fast.loglikelihoods(plan))}
+    fast_ll = {key: ll for key, (ll, _) in zip(fast.prepared.keys, fast.loglikelihoods(plan))}
     for task in SUITE:
         samples = sorted(slow.samples[task], key=lambda s: s["doc_id"])
         for s in samples:
@@ -65,3 +70,47 @@ def test_rolling_tasks_are_refused_clearly(setup, local_data):
     lm, manager = setup
     with pytest.raises(UnsupportedTask, match="wikitext_local is loglikelihood_rolling"):
         PreparedTasks(lm, ["wikitext_local"], manager, limit=1)
+
+
+def _token_requests(seed: int, count: int = 40) -> list:
+    """Multiple-choice-like requests: contexts of many lengths (some beyond the sliding window
+    of 5, some of one token), 1-4 choices of 1-6 tokens each."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count // 3):
+        ctx = [rng.randrange(3, 128) for _ in range(rng.choice([1, 2, 3, 4, 7, 12, 20, 33]))]
+        for _ in range(rng.randint(1, 4)):
+            cont = [rng.randrange(3, 128) for _ in range(rng.randint(1, 6))]
+            out.append(((f"{ctx}", f"{cont}"), ctx, cont))
+    return out
+
+
+@pytest.mark.parametrize("plan", [{}, {"drop_attn": 0, "drop": 3}, {"insert": "1:copy"}], ids=["full", "drop_attn0+drop3", "copy1"])
+def test_shared_context_loglikelihoods_equal_hf_on_every_family(arch, plan, tokenizer_dir):
+    """`layered`'s fast loglikelihood (padded context batches, explicit positions, one context
+    pass per document) against lm-eval's own `hf` loop on the same model, for each family —
+    sliding-window ones included (their windows must cut padded and unpadded rows alike)."""
+    import transformers as T
+
+    tokenizer = T.AutoTokenizer.from_pretrained(tokenizer_dir)
+    lm = LayeredLM(pretrained=make_model(arch), tokenizer=tokenizer, device="cpu", batch_size=7, **plan)
+    requests = _token_requests(seed=len(arch))
+    fast = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    reference = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
+    assert [g for _, g in fast] == [g for _, g in reference]
+    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
+
+
+def test_batches_share_contexts_and_respect_sliding_windows():
+    reqs = [Request((1, 2, 3), (4,)), Request((1, 2, 3), (5, 6)), Request((7, 8), (9,)), Request((7,), (9,))]
+    (batch,) = make_batches(reqs, batch_size=8)
+    assert batch.contexts == [(1, 2, 3), (7, 8), (7,)] and batch.group == [0, 0, 1, 2]
+    t = batch.tensors
+    assert t["ctx"].tolist() == [[1, 2], [7, 0], [0, 0]]  # each context but its last token, right-padded
+    assert t["ids"].tolist() == [[3, 0], [3, 5], [8, 0], [7, 0]]  # last context token + continuation[:-1]
+    assert t["positions"].tolist() == [[2, 3], [2, 3], [1, 2], [0, 1]]
+    assert t["mask"].tolist()[2] == [1, 0, 1, 1]
+    windowed = make_batches(reqs, batch_size=8, window=4)  # 3 + 2 tokens reach the window: not mixed
+    assert [b.contexts for b in windowed] == [[(1, 2, 3)], [(7, 8), (7,)]]
+    assert windowed[0].tensors["mask"] is None and windowed[0].tensors["positions"] is None
+    assert [len(b.rows) for b in make_batches(reqs, batch_size=2)] == [2, 2]

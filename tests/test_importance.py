@@ -86,15 +86,15 @@ def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, lo
     assert scores["efficiency"]["gap"] == pytest.approx(0, abs=1e-9)
     assert all(u["sample_stderr"] > 0 for u in scores["units"])
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    # One stored value, checked against an independent evaluation of that variant.
-    lm = LayeredLM(pretrained=str(tiny4), drop="1,3", dtype="float32", device="cpu", batch_size=32)
+    # One stored value, checked against an independent evaluation of that variant (hf's loop).
+    lm = LayeredLM(pretrained=str(tiny4), drop="1,3", dtype="float32", device="cpu", batch_size=32, fast=False)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy_local"], limit=3, log_samples=True,
                                   task_manager=TaskManager(include_path=str(TASKS)))
     ll = [example_scores(s)["loglik"] for s in res["samples"]["arc_easy_local"]]
-    assert values[key(np.array([1, 0, 1, 0], bool))] == pytest.approx(np.mean(ll), abs=1e-9)
+    assert values[key(np.array([1, 0, 1, 0], bool))] == pytest.approx(np.mean(ll), abs=1e-5)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path, local_data):

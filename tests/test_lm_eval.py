@@ -35,12 +35,25 @@ def sample_scores(results: dict, task: str) -> list:
     return [(s["doc_id"], s["resps"]) for s in results["samples"][task]]
 
 
-def test_empty_plan_is_bit_identical_to_hf(tiny_llama_dir, local_data):
+def test_empty_plan_matches_hf(tiny_llama_dir, local_data):
+    """Shared contexts give hf's log-likelihoods to float rounding and the same metrics;
+    fast=False is hf's own loop, bit for bit."""
     args = {"pretrained": str(tiny_llama_dir), "dtype": "float32"}
-    hf = evaluate("hf", args)
-    layered = evaluate("layered", args)
-    assert sample_scores(layered, "arc_easy_local") == sample_scores(hf, "arc_easy_local")
-    assert layered["results"] == hf["results"]
+    hf = evaluate("hf", args, tasks=("arc_easy_local", "copa_local"))
+    fast = evaluate("layered", args, tasks=("arc_easy_local", "copa_local"))
+    slow = evaluate("layered", {**args, "fast": False}, tasks=("arc_easy_local", "copa_local"))
+    for task in ("arc_easy_local", "copa_local"):
+        assert sample_scores(slow, task) == sample_scores(hf, task)
+        ref, got = sample_scores(hf, task), sample_scores(fast, task)
+        assert [d for d, _ in got] == [d for d, _ in ref]
+        for (_, a), (_, b) in zip(ref, got):
+            (ll_a, greedy_a), (ll_b, greedy_b) = zip(*(x[0] for x in a)), zip(*(x[0] for x in b))
+            assert [float(v) for v in ll_b] == pytest.approx([float(v) for v in ll_a], abs=1e-4)
+            assert greedy_b == greedy_a
+        for metric in ("acc,none", "acc_norm,none"):
+            if metric in hf["results"][task]:
+                assert fast["results"][task][metric] == hf["results"][task][metric]
+    assert slow["results"] == hf["results"]
 
 
 def test_simple_evaluate_with_a_plan_changes_scores(tiny_llama_dir, local_data):

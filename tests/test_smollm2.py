@@ -21,7 +21,8 @@ LIMIT = 100
 
 @pytest.fixture(scope="module")
 def smollm2() -> LayeredLM:
-    return LayeredLM(pretrained="smollm2", dtype="float32", device="cpu", batch_size=32)
+    """With lm-eval's own `hf` loop (fast=False): the reference the fast paths are checked against."""
+    return LayeredLM(pretrained="smollm2", dtype="float32", device="cpu", batch_size=32, fast=False)
 
 
 def test_alias_loads_the_30_block_gguf(smollm2):
@@ -99,6 +100,15 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
 
     got, expected = loglikelihoods(layered.samples["arc_easy_local"]), loglikelihoods(hf)
     assert len(got) == 24 and got == expected
+    smollm2.fast = True  # shared contexts: hf's numbers to float rounding, the same accuracy
+    try:
+        shared = evaluate_plans(smollm2, [("pruned", PlanSpec.from_args(drop="24-27", drop_attn=5))], ["arc_easy_local"],
+                                TaskManager(include_path=str(TASKS)), limit=24, log_samples=True)[0]
+    finally:
+        smollm2.fast = False
+    for doc_id, lls in loglikelihoods(shared.samples["arc_easy_local"]).items():
+        assert lls == pytest.approx(expected[doc_id], abs=1e-4)
+    assert shared.metrics["arc_easy_local"]["acc,none"] == layered.metrics["arc_easy_local"]["acc,none"]
 
 
 def test_ablation_ranks_an_early_cornerstone_block_first(smollm2, local_data, tmp_path):

@@ -1,0 +1,144 @@
+"""Log-likelihoods of (context, continuation) token requests, each context computed once.
+
+The `hf` model runs every request as one sequence, so a 4-choice question computes its context
+four times. Here the distinct contexts of a batch run once (all but their last token), their KV
+cache is expanded to one row per request, and a second pass runs each request's last context
+token plus its continuation on top; logits exist only at those positions. Contexts of different
+lengths share a batch right-padded, with the padding masked and explicit position ids, so every
+token sees exactly what it sees alone. Where a sliding window could cut a padded row
+differently from the unpadded one, only contexts of equal length are batched together.
+
+Used by `LayeredLM` (lm-eval's loglikelihood requests) and by `FastEvaluator` (many variants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from lm_eval_layers.arch import text_config
+
+
+@dataclass(frozen=True)
+class Request:
+    ctx: tuple[int, ...]  # the context as the model sees it (at least one token)
+    cont: tuple[int, ...]
+
+    @classmethod
+    def from_tokens(cls, context: list[int], continuation: list[int], max_length: int) -> Request:
+        """Left-truncated to the model's length exactly like `hf` (`(ctx + cont)[-(max_length + 1):]`)."""
+        whole = (list(context) + list(continuation))[-(max_length + 1):]
+        return cls(tuple(whole[: len(whole) - len(continuation)]), tuple(continuation))
+
+
+@dataclass
+class Batch:
+    """Requests whose contexts run together: `contexts[group[k]]` is row k's context."""
+
+    contexts: list[tuple[int, ...]]
+    rows: list[int] = field(default_factory=list)  # request indices
+    group: list[int] = field(default_factory=list)
+    conts: list[tuple[int, ...]] = field(default_factory=list)
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """Input tensors, built once and reused by every variant."""
+        lengths = [len(c) - 1 for c in self.contexts]  # the context pass leaves out the last token
+        past = max(lengths)
+        width = max(len(c) for c in self.conts)
+        ctx = torch.zeros(len(self.contexts), past, dtype=torch.long)
+        for i, c in enumerate(self.contexts):
+            ctx[i, : lengths[i]] = torch.tensor(c[:-1], dtype=torch.long)
+        ids = torch.zeros(len(self.rows), width, dtype=torch.long)
+        targets = torch.zeros(len(self.rows), width, dtype=torch.long)
+        valid = torch.zeros(len(self.rows), width, dtype=torch.bool)
+        for k, (g, cont) in enumerate(zip(self.group, self.conts)):
+            ids[k, : len(cont)] = torch.tensor((self.contexts[g][-1], *cont[:-1]), dtype=torch.long)
+            targets[k, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+            valid[k, : len(cont)] = True
+        padded = len(set(lengths)) > 1
+        mask = positions = None
+        if padded:  # mask the context padding; positions continue each row's own context
+            row_lengths = torch.tensor([lengths[g] for g in self.group])
+            mask = torch.cat([torch.arange(past)[None] < row_lengths[:, None], torch.ones(len(self.rows), width, dtype=torch.bool)], 1)
+            mask = mask.long()
+            positions = row_lengths[:, None] + torch.arange(width)[None]
+        return {"ctx": ctx if past else None, "ids": ids, "targets": targets, "valid": valid, "mask": mask,
+                "positions": positions, "group": torch.tensor(self.group)}
+
+
+def attention_window(config: Any) -> int | None:
+    """The narrowest sliding / chunked attention span of the model, if it has one."""
+    cfg = text_config(config)
+    spans = [getattr(cfg, k, None) for k in ("sliding_window", "attention_chunk_size")]
+    spans = [s for s in spans if isinstance(s, int) and s > 0]
+    return min(spans) if spans else None
+
+
+def make_batches(requests: list[Request], batch_size: int, max_tokens: int | None = None,
+                 window: int | None = None) -> list[Batch]:
+    """Requests grouped by shared context; contexts sorted by length (longest first, so padding
+    stays small) and packed up to `batch_size` rows and `max_tokens` padded tokens."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        by_context.setdefault(r.ctx, []).append(i)
+    batches: list[Batch] = []
+    batch: Batch | None = None
+    for ctx in sorted(by_context, key=lambda c: (-len(c), c)):
+        rows = by_context[ctx]
+        if batch is not None:
+            n = len(batch.rows) + len(rows)
+            width = len(batch.contexts[0]) + max(len(requests[i].cont) for i in batch.rows + rows)
+            fits = n <= batch_size and (max_tokens is None or n * width <= max_tokens)
+            same = len(ctx) == len(batch.contexts[0])
+            if not fits or not (same or window is None or width < window):
+                batch = None
+        if batch is None:
+            batch = Batch([])
+            batches.append(batch)
+        batch.group += [len(batch.contexts)] * len(rows)
+        batch.contexts.append(ctx)
+        batch.rows += rows
+        batch.conts += [requests[i].cont for i in rows]
+    return batches
+
+
+Around = Callable[[int, str], ContextManager[Any]]
+
+
+def _nothing(_batch: int, _stage: str) -> ContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def run_batches(model: Any, batches: Iterable[Batch], num_requests: int, softmax_dtype: torch.dtype | None = None,
+                around: Around = _nothing, progress: Callable[[int], Any] | None = None) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, all tokens greedy) per request, as `hf` computes them.
+
+    `around(batch_index, "ctx" | "cont")` wraps each model call (the prefix cache hooks in there).
+    """
+    device = model.device
+    results: list[tuple[float, bool] | None] = [None] * num_requests
+    for b, batch in enumerate(batches):
+        t = {k: (v.to(device) if v is not None else None) for k, v in batch.tensors.items()}
+        cache = None
+        if t["ctx"] is not None:
+            with around(b, "ctx"):
+                cache = model(t["ctx"], use_cache=True, logits_to_keep=1).past_key_values
+            cache.reorder_cache(t["group"])
+        with around(b, "cont"):
+            logits = model(t["ids"], past_key_values=cache, attention_mask=t["mask"], position_ids=t["positions"],
+                           use_cache=cache is not None).logits
+        lp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype or logits.dtype)
+        token_lp = lp.gather(2, t["targets"][..., None])[..., 0].masked_fill(~t["valid"], 0)
+        greedy = (lp.argmax(-1) == t["targets"]) | ~t["valid"]
+        for k, i in enumerate(batch.rows):
+            results[i] = (float(token_lp[k].sum()), bool(greedy[k].all()))
+        if progress is not None:
+            progress(len(batch.rows))
+    return results  # type: ignore[return-value]
