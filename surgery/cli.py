@@ -172,6 +172,8 @@ def score(
             batch_size=batch_size, calibration=calibration,
         )
         result = run(options, console)
+    if result is None:  # another process of a distributed run: rank 0 reports
+        return
     Console().print(table(result))
     eff = result["efficiency"]
     console.print(f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "

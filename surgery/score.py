@@ -64,18 +64,22 @@ def validate(o: ScoreOptions) -> None:
         raise SurgeryError(f"{store} already holds evaluations; pass --resume to reuse them, or choose another --out")
 
 
-def run(o: ScoreOptions, console: Console) -> dict:
+def run(o: ScoreOptions, console: Console) -> dict | None:
+    """Score the units. Under `torchrun` / `accelerate launch` every process evaluates its share
+    of the coalitions; rank 0 stores them, writes the results and returns them (others: None)."""
     from lm_eval.tasks import TaskManager
 
     from lm_eval_layers.arch import num_layers
+    from lm_eval_layers.importance import distributed
+    from lm_eval_layers.importance.games import from_key
+    from lm_eval_layers.importance.scoring import planned_coalitions
     from lm_eval_layers.model import LayeredLM
 
     validate(o)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = distributed.setup()
     with console.status(f"loading {o.model}…"):
-        lm = LayeredLM(pretrained=o.model, dtype=o.dtype, device=device, batch_size=o.batch_size)
+        lm = LayeredLM(pretrained=o.model, dtype=o.dtype, device=distributed.device(), batch_size=o.batch_size)
+    lm._rank, lm._world_size = 0, 1  # every process is a whole replica: lm-eval must not shard requests
     depth = num_layers(lm.model.config)
     model_type = lm.model.config.model_type
     n = num_players(o.unit, depth)
@@ -86,6 +90,8 @@ def run(o: ScoreOptions, console: Console) -> dict:
             raise SurgeryError(str(e)) from None
     common = dict(model=o.model, model_type=model_type, num_layers=depth, unit=o.unit, method=o.method, seed=o.seed)
     if o.method in ("angular", "bi"):
+        if rank != 0:
+            return None
         from lm_eval_layers.importance.similarity import block_similarity, calibration_batches
 
         text = _calibration_text(o.calibration)
@@ -97,20 +103,32 @@ def run(o: ScoreOptions, console: Console) -> dict:
     else:
         manager = TaskManager(include_path=str(o.include_path) if o.include_path else None)
         tasks = list(o.tasks)
-
         evaluate = _evaluator(lm, tasks, manager, o.limit, console)
         context = {"model": o.model, "dtype": o.dtype, "tasks": sorted(tasks), "limit": o.limit, "unit": o.unit}
-        o.out.parent.mkdir(parents=True, exist_ok=True)
-        store = Store(o.out.with_suffix(".sqlite"), context)
-        reused = len(store)
+        store = None
+        if rank == 0:
+            o.out.parent.mkdir(parents=True, exist_ok=True)
+            store = Store(o.out.with_suffix(".sqlite"), context)
+        game = TaskGame(evaluate, depth, o.unit, o.metric, store)  # type: ignore[arg-type]
+        planned = planned_coalitions(n, o.method, o.budget, o.estimator, o.seed, o.level)
+        todo = distributed.broadcast(
+            [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            bar = progress.add_task(f"evaluating coalitions ({reused} stored)", total=_expected(o, n))
-            game = TaskGame(evaluate, depth, o.unit, o.metric, store, on_new=lambda k: progress.advance(bar))
-            est, used, sample_se = score_units(game, o.method, o.budget, o.estimator, o.seed, o.level, o.force)
+        with Progress(*columns, console=console, transient=True, disable=rank != 0) as progress:
+            what = f"evaluating coalitions ({len(planned) - len(todo)} stored" + (f", {world} processes)" if world > 1 else ")")
+            bar = progress.add_task(what, total=len(todo))
+            per_process = distributed.evaluate_shared(
+                todo, lambda k: game.compute(from_key(k, n)), lambda k, scores: game.commit(from_key(k, n), scores),
+                rank, world, on_round=lambda count: progress.advance(bar, count))
+        distributed.finish(world)
+        if rank != 0:
+            return None
+        est, used, sample_se = score_units(game, o.method, o.budget, o.estimator, o.seed, o.level, o.force)
         result = report(est, sample_se, estimator=o.estimator if o.method == "shapley" else None, metric=o.metric,
                         tasks=tasks, limit=o.limit, budget=o.budget if o.method == "shapley" else None,
-                        chance=chance_level(game), extra={"new_evaluations": game.new_evaluations, "reused": reused},
+                        chance=chance_level(game),
+                        extra={"new_evaluations": sum(per_process), "reused": len(planned) - len(todo),
+                               "evaluations_per_process": per_process},
                         **common)
     tmp = o.out.with_suffix(".json.partial")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -143,10 +161,6 @@ def _evaluator(lm, tasks: list[str], manager, limit: int | None, console: Consol
         return out
 
     return slow
-
-
-def _expected(o: ScoreOptions, n: int) -> int:
-    return {"exact": 2**n, "ablation": n + 2, "window": 2 + n * (2 * o.level - 1)}.get(o.method, o.budget)
 
 
 def _calibration_text(path: Path | None) -> str:

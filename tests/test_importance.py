@@ -191,3 +191,25 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
     ]:
         result = runner.invoke(app, ["score", "does-not-matter", "--out", str(tmp_path / "s.json"), *args])
         assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_path, local_data):
+    """`torchrun` with two CPU processes (gloo): each evaluates its share of the coalitions,
+    rank 0 stores all of them and reports the values of a single-process run."""
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
+    args = ["--method", "shapley", "--estimator", "permutation", "--budget", "16", "--seed", "5"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([SURGERY, *score_args(tiny_llama_dir, one, *args)], env=env, check=True, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "surgery", *score_args(tiny_llama_dir, two, *args)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["evaluations_per_process"] == [a["new_evaluations"]]
+    assert len(b["evaluations_per_process"]) == 2 and min(b["evaluations_per_process"]) > 0  # both did work
+    assert sum(b["evaluations_per_process"]) == b["new_evaluations"] == a["new_evaluations"]
+    assert [u["value"] for u in b["units"]] == [u["value"] for u in a["units"]]
+    assert stored_values(two.with_suffix(".sqlite"), "loglik") == stored_values(one.with_suffix(".sqlite"), "loglik")
+    assert proc.stdout.count("shapley (permutation) of") == 1  # one table, from rank 0

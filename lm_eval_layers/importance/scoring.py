@@ -68,6 +68,14 @@ def sample_error(task_game: TaskGame, used: list[int], method: str, budget: int,
     return np.array(out).std(axis=0, ddof=1)
 
 
+def planned_coalitions(n: int, method: str, budget: int, estimator: str, seed: int, level: int) -> list[int]:
+    """The coalitions (bitmasks) `method` evaluates, in its order: estimators choose them
+    without looking at values, so a zero game reveals them before any model call."""
+    game = CachedGame(lambda rows: np.zeros(len(rows)), n)
+    estimate(method, game, budget, estimator, seed, level, bootstrap=0)
+    return list(game.values)
+
+
 def score_units(task_game: TaskGame, method: str, budget: int, estimator: str, seed: int, level: int,
                 force: bool = False) -> tuple[estimators.Estimate, CachedGame, np.ndarray]:
     if method == "exact":

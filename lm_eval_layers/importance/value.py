@@ -115,21 +115,28 @@ class TaskGame:
         unit: str,
         metric: str,
         store: Store,
-        on_new: Callable[[int], None] = lambda k: None,
     ) -> None:
         self.evaluate, self.num_layers, self.unit, self.metric, self.store = evaluate, num_layers, unit, metric, store
         self.n = num_players(unit, num_layers)
-        self.on_new = on_new
         self.new_evaluations = 0
 
+    def name(self, coalition: np.ndarray) -> str:
+        """The coalition's key in the store (hex bitmask)."""
+        return format(key(coalition), f"0{(self.n + 3) // 4}x")
+
+    def compute(self, coalition: np.ndarray) -> dict[str, dict[str, list[float]]]:
+        """Evaluate the coalition's variant (no store involved)."""
+        return self.evaluate(coalition_plan(coalition, self.unit, self.num_layers))
+
+    def commit(self, coalition: np.ndarray, scores: dict[str, dict[str, list[float]]]) -> None:
+        self.store.put(self.name(coalition), scores)
+        self.new_evaluations += 1
+
     def scores(self, coalition: np.ndarray) -> dict[str, dict[str, list[float]]]:
-        name = format(key(coalition), f"0{(self.n + 3) // 4}x")
-        found = self.store.get(name)
+        found = self.store.get(self.name(coalition))
         if found is None:
-            found = self.evaluate(coalition_plan(coalition, self.unit, self.num_layers))
-            self.store.put(name, found)
-            self.new_evaluations += 1
-            self.on_new(self.new_evaluations)
+            found = self.compute(coalition)
+            self.commit(coalition, found)
         return found
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
