@@ -85,17 +85,47 @@ def _set_layer_idx(module: nn.Module, idx: int) -> None:
             sub.layer_idx = idx
 
 
+def _offloaded_values(block: nn.Module) -> dict[int, torch.Tensor]:
+    """Real values of the parameters accelerate keeps offloaded (meta tensors), by parameter id,
+    on the device the block runs on."""
+    out: dict[int, torch.Tensor] = {}
+    for sub in block.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
+            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+                for name, param in sub.named_parameters(recurse=False):
+                    if param.device.type == "meta":
+                        out[id(param)] = h.weights_map[name].to(h.execution_device)
+    return out
+
+
+def _in_memory(block: nn.Module, device: torch.device) -> None:
+    """A synthesised block owns its tensors: drop the offload hooks cloned from its source (they
+    would load the source's weights) and only move inputs to the block's device."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(block, recurse=True)
+    add_hook_to_module(block, AlignDevicesHook(execution_device=device))
+
+
 def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int) -> nn.Module:
     """The module for one slot: a structural clone of its source, with shared or new tensors."""
     source = blocks[slot.source]
     replace: dict[int, Any] = {}
+    offloaded: dict[int, torch.Tensor] = {}
     if slot.synthesized:
+        for j in slot.sources:  # weights accelerate offloaded (parallelize=True) are read back
+            offloaded.update(_offloaded_values(blocks[j]))
         others = [dict(blocks[j].named_parameters()) for j in slot.sources]
         for name, param in source.named_parameters():
-            tensor = synthesize(layout, slot, name, [o[name].data for o in others])
+            own = offloaded.get(id(param), param.data)
+            values = [offloaded.get(id(o[name]), o[name].data).to(own.device) for o in others]  # sources may sit on other GPUs
+            tensor = synthesize(layout, slot, name, values)
             if tensor is not param.data:
                 replace[id(param)] = nn.Parameter(tensor, requires_grad=False)
     block = clone_structure(source, replace)
+    if offloaded:
+        _in_memory(block, next(iter(offloaded.values())).device)
     if slot.drop_attn:
         setattr(block, layout.attn, SkippedAttention(layout.residual_inside))
     if slot.drop_mlp:

@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager
 
 from conftest import REPO, TASKS
 from lm_eval_layers.model import LayeredLM
-from lm_eval_layers.plan import PlanError
+from lm_eval_layers.plan import PlanError, PlanSpec
 
 LIMIT = 6
 
@@ -140,3 +140,29 @@ def test_registry_resolves_layered_lazily():
     )
     assert proc.stdout.split()[-2:] == ["LayeredLM", "HFLM"]
     assert issubclass(LayeredLM, HFLM)
+
+
+OFFLOAD_PLANS = [{"drop": "1;3"}, {"drop_attn": 3, "drop_mlp": 4}, {"insert": "2:copy-zero"},
+                 {"preset": "llama-pro:2"}, {"insert": "2:avg", "drop": 5}]
+
+
+def test_parallelize_with_offloaded_blocks_keeps_plans_exact(tiny_llama_dir, tmp_path):
+    """`parallelize=True` puts the model under an accelerate device map; with too little memory
+    most blocks are offloaded to disk and run through accelerate's hooks. Every kind of slot —
+    including synthesised ones, whose weights must not be reloaded from their source — gives
+    the logits of the same plan on a plainly loaded model, and switching back restores it."""
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100]])
+    plain = LayeredLM(pretrained=str(tiny_llama_dir), dtype="float32", device="cpu")
+    mapped = LayeredLM(pretrained=str(tiny_llama_dir), dtype="float32", parallelize=True, max_cpu_memory="6400KB",
+                       offload_folder=str(tmp_path / "offload"))
+    assert "disk" in set(mapped.model.hf_device_map.values())
+    with torch.no_grad():
+        base = plain.model(ids).logits
+        assert torch.equal(mapped.model(ids).logits, base)
+        for kwargs in OFFLOAD_PLANS:
+            for lm in (plain, mapped):
+                lm.use_plan(PlanSpec.from_args(**kwargs))
+            expected = plain.model(ids).logits
+            assert torch.equal(mapped.model(ids).logits, expected), kwargs
+        mapped.use_plan(PlanSpec())
+        assert torch.equal(mapped.model(ids).logits, base)
