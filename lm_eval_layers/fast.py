@@ -16,7 +16,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
-from lm_eval.tasks import TaskManager, get_task_dict
+from lm_eval.tasks import TaskManager
 
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.importance.value import example_scores
@@ -31,22 +31,12 @@ class UnsupportedTask(ValueError):
     """A task the fast path cannot score (rolling log-likelihood or generation)."""
 
 
-def _leaves(task_dict: dict) -> dict[str, Any]:
-    out = {}
-    for name, value in task_dict.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value))
-        else:
-            out[getattr(name, "group_name", name) if not isinstance(name, str) else name] = value
-    return out
-
-
 class PreparedTasks:
     """The requests of a task set, built by lm-eval once and tokenised like `hf` does."""
 
     def __init__(self, lm: Any, tasks: list[str], task_manager: TaskManager, limit: int | None,
                  batch_size: int = 64, max_batch_tokens: int = 8192) -> None:
-        self.tasks = _leaves(get_task_dict(tasks, task_manager))
+        self.tasks: dict[str, Any] = task_manager.load(tasks)["tasks"]  # leaf tasks, groups flattened
         self.docs: dict[str, dict[int, dict]] = {}
         self.requests: list[Request] = []
         self.keys: list[tuple[str, int, int]] = []  # (task, doc_id, choice index) of each request
