@@ -19,7 +19,7 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from lm_eval_layers.arch import layout_for
-from lm_eval_layers.importance.value import example_scores
+from lm_eval_layers.importance.value import by_metric, example_scores
 from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.variant import apply_plan
@@ -133,8 +133,7 @@ class FastEvaluator:
                 resps = [res for _, res in sorted(by_doc[(name, doc_id)])]
                 scores = {k: float(v) for k, v in task.process_results(doc, resps).items() if isinstance(v, (int, float, bool))}
                 rows.append({**scores, **example_scores({**scores, "filtered_resps": resps}, _gold(task, doc))})
-            keys = [k for k in rows[0] if all(k in r for r in rows)]
-            examples[name] = {k: [r[k] for r in rows] for k in keys}
+            examples[name] = by_metric(rows)
             metrics[name] = {k: sum(v) / len(v) for k, v in examples[name].items()}
         return metrics, examples
 

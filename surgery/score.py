@@ -17,31 +17,33 @@ from rich.table import Table
 from lm_eval_layers.data import ENV
 from lm_eval_layers.importance.estimators import Estimate
 from lm_eval_layers.importance.scoring import METHODS, check_exact, chance_level, report, score_units
-from lm_eval_layers.importance.value import METRICS, UNITS, Store, TaskGame, example_scores, num_players
+from lm_eval_layers.importance.value import METRICS, UNITS, Store, TaskGame, by_metric, example_scores, num_players
 from surgery.errors import SurgeryError
 
 
 @dataclass
 class ScoreOptions:
+    """The options of `surgery score`; their defaults and help live on the command (cli.py)."""
+
     model: str
-    method: str = "shapley"
-    unit: str = "block"
-    tasks: tuple[str, ...] = ("arc_easy_local",)
-    include_path: Path | None = None
-    limit: int | None = 100
-    metric: str = "acc"
-    budget: int = 400
-    estimator: str = "regression"
-    seed: int = 0
-    level: int = 3
-    position: str = "last"
-    out: Path = Path("scores.json")
-    plot: Path | None = None
-    resume: bool = False
-    force: bool = False
-    dtype: str = "float32"
-    batch_size: int = 32
-    calibration: Path | None = None
+    method: str
+    unit: str
+    tasks: tuple[str, ...]
+    include_path: Path | None
+    limit: int | None
+    metric: str
+    budget: int
+    estimator: str
+    seed: int
+    level: int
+    position: str
+    out: Path
+    plot: Path | None
+    resume: bool
+    force: bool
+    dtype: str
+    batch_size: int
+    calibration: Path | None
 
 
 def validate(o: ScoreOptions) -> None:
@@ -153,12 +155,8 @@ def _evaluator(lm, tasks: list[str], manager, limit: int | None, console: Consol
 
     def slow(plan):
         samples = evaluate_plans(lm, [("coalition", plan)], tasks, manager, limit=limit, log_samples=True)[0].samples
-        out = {}
-        for task, rows in samples.items():
-            per = [example_scores(s) for s in sorted(rows, key=lambda s: s["doc_id"])]
-            keys = [k for k in per[0] if all(k in p for p in per)]
-            out[task] = {m: [p[m] for p in per] for m in keys}
-        return out
+        return {task: by_metric([example_scores(s) for s in sorted(rows, key=lambda s: s["doc_id"])])
+                for task, rows in samples.items()}
 
     return slow
 

@@ -71,6 +71,12 @@ def example_scores(sample: dict[str, Any], gold: int | None = None) -> dict[str,
     return out
 
 
+def by_metric(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per-example score dicts (in document order) as one list per metric every example has."""
+    keys = [k for k in rows[0] if all(k in r for r in rows)]
+    return {k: [r[k] for r in rows] for k in keys}
+
+
 class Store:
     """SQLite store of evaluated coalitions; each is committed as soon as it is measured."""
 
