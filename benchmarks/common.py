@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-INCLUDE = [str(HERE.parent / "tasks"), str(HERE / "tasks")]
+INCLUDE = str(HERE / "tasks")  # its YAML includes ../../tasks/arc_easy_local.yaml
 BIN = Path(sys.executable).parent
 TASK = "arc_easy_val_local"
 RESULTS = HERE / "results"

@@ -30,7 +30,7 @@ def run(mode: str, checkpoint: Path, limit: int, out: Path) -> tuple[float, dict
     start = time.perf_counter()
     subprocess.run(
         [str(BIN / "lm_eval"), "--model", model, "--model_args", f"pretrained={checkpoint},dtype=float32{extra}",
-         "--tasks", TASK, "--include_path", ",".join(INCLUDE), "--limit", str(limit), "--batch_size", "32",
+         "--tasks", TASK, "--include_path", INCLUDE, "--limit", str(limit), "--batch_size", "32",
          "--device", "cpu", "--log_samples", "--output_path", str(out)],
         check=True, capture_output=True, text=True, env=os.environ.copy())
     seconds = time.perf_counter() - start

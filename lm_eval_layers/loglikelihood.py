@@ -14,6 +14,7 @@ Used by `LayeredLM` (lm-eval's loglikelihood requests) and by `FastEvaluator` (m
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, ContextManager, Iterable
@@ -123,13 +124,15 @@ def run_batches(model: Any, batches: Iterable[Batch], num_requests: int, softmax
     `around(batch_index, "ctx" | "cont")` wraps each model call (the prefix cache hooks in there).
     """
     device = model.device
+    # the context pass needs only the KV cache: skip its logits where the model allows it
+    ctx_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     results: list[tuple[float, bool] | None] = [None] * num_requests
     for b, batch in enumerate(batches):
         t = {k: (v.to(device) if v is not None else None) for k, v in batch.tensors.items()}
         cache = None
         if t["ctx"] is not None:
             with around(b, "ctx"):
-                cache = model(t["ctx"], use_cache=True, logits_to_keep=1).past_key_values
+                cache = model(t["ctx"], use_cache=True, **ctx_kwargs).past_key_values
             cache.reorder_cache(t["group"])
         with around(b, "cont"):
             logits = model(t["ids"], past_key_values=cache, attention_mask=t["mask"], position_ids=t["positions"],
