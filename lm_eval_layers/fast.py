@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager
 
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.importance.value import by_metric, example_scores
-from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
+from lm_eval_layers.loglikelihood import Around, Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.variant import apply_plan
 
@@ -73,9 +73,8 @@ class FastEvaluator:
         self.blocks_run = self.num_layers  # blocks computed by the last variant (prefix reuse shows here)
         self._full = self._cache_full_model(cache_bytes)
 
-    def _run(self, around=None) -> list[tuple[float, bool]]:
-        kwargs = {"around": around} if around is not None else {}
-        return run_batches(self.model, self.prepared.batches, len(self.prepared.requests), self.lm.softmax_dtype, **kwargs)
+    def _run(self, around: Around | None = None) -> list[tuple[float, bool]]:
+        return run_batches(self.model, self.prepared.batches, len(self.prepared.requests), self.lm.softmax_dtype, around)
 
     def _cache_full_model(self, budget: int) -> list[tuple[float, bool]]:
         """The full model's results, recording the inputs of blocks 1..k (as many as fit)."""
@@ -105,9 +104,6 @@ class FastEvaluator:
             prefix += 1
         rest = LayerPlan(plan.num_layers, plan.slots[prefix:])
         self.blocks_run = len(rest.slots)
-        if prefix == 0:
-            with apply_plan(self.model, rest):
-                return self._run()
 
         @contextlib.contextmanager
         def resume(b: int, stage: str) -> Iterator[None]:
@@ -116,7 +112,7 @@ class FastEvaluator:
                 yield
 
         with apply_plan(self.model, rest):
-            return self._run(resume)
+            return self._run(resume if prefix else None)
 
     def evaluate(self, plan: LayerPlan) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
         """lm-eval's metrics per task (means) and every example's scores, for one variant."""

@@ -112,17 +112,14 @@ def make_batches(requests: list[Request], batch_size: int, max_tokens: int | Non
 Around = Callable[[int, str], ContextManager[Any]]
 
 
-def _nothing(_batch: int, _stage: str) -> ContextManager[Any]:
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def run_batches(model: Any, batches: Iterable[Batch], num_requests: int, softmax_dtype: torch.dtype | None = None,
-                around: Around = _nothing, progress: Callable[[int], Any] | None = None) -> list[tuple[float, bool]]:
+                around: Around | None = None, progress: Callable[[int], Any] | None = None) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, all tokens greedy) per request, as `hf` computes them.
 
     `around(batch_index, "ctx" | "cont")` wraps each model call (the prefix cache hooks in there).
     """
+    around = around or (lambda _b, _stage: contextlib.nullcontext())
     device = model.device
     # the context pass needs only the KV cache: skip its logits where the model allows it
     ctx_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
