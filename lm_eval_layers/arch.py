@@ -13,12 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lm_eval_layers.errors import UnsupportedArchitecture
+
 if TYPE_CHECKING:
     from lm_eval_layers.plan import LayerPlan
-
-
-class UnsupportedArchitecture(ValueError):
-    """No known layout describes this model; the message says what to add."""
 
 
 @dataclass(frozen=True)

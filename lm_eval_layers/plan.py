@@ -15,13 +15,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from lm_eval_layers.errors import PlanError
+
 INITS = ("copy", "avg", "copy-zero", "avg-zero")
 _SEPARATORS = re.compile(r"[,;\s]+")
 _INDEX_OR_RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
-
-
-class PlanError(ValueError):
-    """A layer plan that cannot be built; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)

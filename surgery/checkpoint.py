@@ -26,7 +26,7 @@ from lm_eval_layers.arch import Layout, layer_config_updates
 from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
-from surgery.errors import SurgeryError
+from lm_eval_layers.errors import UsageError
 from surgery.sources import ST_NAMES, Source, TensorInfo, free_bytes, is_weight_file
 
 PLAN_FILE = "layer_plan.json"
@@ -40,7 +40,7 @@ def parse_size(text: str) -> int:
     """`5GB` -> 5_000_000_000 (transformers' convention; KiB/MiB/GiB are powers of 2)."""
     m = _SIZE.match(text)
     if not m or float(m.group(1)) <= 0:
-        raise SurgeryError(f"--max-shard-size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
+        raise UsageError(f"--max-shard-size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
@@ -63,7 +63,7 @@ def block_prefix(names: list[str], layout: Layout) -> str:
         prefix = ".".join(parts[start:]) + "."
         if any(n.startswith(prefix + "0.") for n in names):
             return prefix
-    raise SurgeryError(f"no block tensors named {layout.blocks}.N.* in the checkpoint; is it a {layout.blocks} model?")
+    raise UsageError(f"no block tensors named {layout.blocks}.N.* in the checkpoint; is it a {layout.blocks} model?")
 
 
 def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> list[OutTensor]:
@@ -81,7 +81,7 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
         else:
             (outside_after if blocks else outside_before).append(name)
     if sorted(blocks) != list(range(plan.num_layers)):
-        raise SurgeryError(
+        raise UsageError(
             f"the checkpoint has tensors for {len(blocks)} blocks but its config says {plan.num_layers}; the checkpoint is incomplete"
         )
 
@@ -97,7 +97,7 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
         for j in slot.sources[1:]:
             other = blocks[j]
             if set(other) != set(own) or any(source.infos[own[r]] != source.infos[other[r]] for r in own):
-                raise SurgeryError(
+                raise UsageError(
                     f"cannot average blocks {slot.source} and {j}: their tensors differ in names or shapes; use copy instead"
                 )
         for rel, name in own.items():
@@ -129,7 +129,7 @@ def _copy_range(f: BinaryIO, path: Path, start: int, length: int) -> None:
             while left:
                 n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
                 if n == 0:
-                    raise SurgeryError(f"{path} ended early while copying; the file is truncated")
+                    raise UsageError(f"{path} ended early while copying; the file is truncated")
                 offset += n
                 left -= n
             f.seek(0, os.SEEK_END)
@@ -140,7 +140,7 @@ def _copy_range(f: BinaryIO, path: Path, start: int, length: int) -> None:
         while left:
             chunk = src.read(min(left, 64 << 20))
             if not chunk:
-                raise SurgeryError(f"{path} ended early while copying; the file is truncated")
+                raise UsageError(f"{path} ended early while copying; the file is truncated")
             f.write(chunk)
             left -= len(chunk)
 
@@ -288,11 +288,11 @@ def atomic_output(out: Path, source: Source, force: bool, needed: int) -> Iterat
     if source.folder is not None:
         src = source.folder.resolve()
         if out == src or src in out.parents:
-            raise SurgeryError(f"--out {out} is inside the input model folder {src}; write somewhere else")
+            raise UsageError(f"--out {out} is inside the input model folder {src}; write somewhere else")
     if out.exists() and not out.is_dir():
-        raise SurgeryError(f"--out {out} is an existing file; choose a folder path")
+        raise UsageError(f"--out {out} is an existing file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise SurgeryError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
+        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -301,10 +301,10 @@ def atomic_output(out: Path, source: Source, force: bool, needed: int) -> Iterat
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private
     except OSError as e:
-        raise SurgeryError(f"cannot write in {parent} ({e.strerror}); choose another --out") from None
+        raise UsageError(f"cannot write in {parent} ({e.strerror}); choose another --out") from None
     try:
         if free_bytes(parent) < needed + (64 << 20):
-            raise SurgeryError(
+            raise UsageError(
                 f"not enough free disk space in {parent}: need {needed / 1e9:.2f} GB, have {free_bytes(parent) / 1e9:.2f} GB"
             )
         yield tmp

@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from lm_eval_layers.arch import UnsupportedArchitecture, num_layers
-from lm_eval_layers.plan import PlanError, PlanSpec
+from lm_eval_layers.arch import num_layers
+from lm_eval_layers.plan import PlanSpec
 from surgery.checkpoint import (
     atomic_output, block_prefix, copy_side_files, parse_size, plan_tensors, write_config, write_metadata,
     write_weights,
 )
-from surgery.errors import SurgeryError
+from lm_eval_layers.errors import LayersError, UsageError
 from surgery.sources import Source, open_model, source_layout
 from surgery.verify import verify as verify_checkpoint
 
@@ -49,7 +49,7 @@ def user_errors() -> Iterator[None]:
     """One line on stderr and exit code 2 for every mistake a user can make; no traceback."""
     try:
         yield
-    except (SurgeryError, PlanError, UnsupportedArchitecture, FileNotFoundError) as e:
+    except (LayersError, FileNotFoundError) as e:
         typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -113,7 +113,7 @@ def prune(
     """Remove blocks (or their attention / MLP branches) and write the result."""
     with user_errors():
         if drop is None and keep is None and drop_attn is None and drop_mlp is None and scores is None:
-            raise SurgeryError("prune needs --drop, --keep, --drop-attn, --drop-mlp or --scores with --drop-lowest")
+            raise UsageError("prune needs --drop, --keep, --drop-attn, --drop-mlp or --scores with --drop-lowest")
         spec = PlanSpec.from_args(drop=drop, keep=keep, drop_attn=drop_attn, drop_mlp=drop_mlp,
                                   scores=str(scores) if scores else None, drop_lowest=drop_lowest)
         _write("prune", model, spec, out, dtype, max_shard_size, force, verify)
@@ -134,7 +134,7 @@ def expand(
     """Insert blocks (copies, averages, function-preserving zero-init) and write the result."""
     with user_errors():
         if insert is None and preset is None:
-            raise SurgeryError("expand needs --insert or --preset")
+            raise UsageError("expand needs --insert or --preset")
         spec = PlanSpec.from_args(insert=insert, preset=preset, drop=drop)
         _write("expand", model, spec, out, dtype, max_shard_size, force, verify)
 

@@ -18,7 +18,7 @@ from lm_eval_layers.data import ENV
 from lm_eval_layers.importance.estimators import Estimate
 from lm_eval_layers.importance.scoring import METHODS, check_exact, chance_level, report, score_units
 from lm_eval_layers.importance.value import METRICS, UNITS, Store, TaskGame, by_metric, example_scores, num_players
-from surgery.errors import SurgeryError
+from lm_eval_layers.errors import UsageError
 
 
 @dataclass
@@ -60,10 +60,10 @@ def validate(o: ScoreOptions) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise SurgeryError(message)
+            raise UsageError(message)
     store = o.out.with_suffix(".sqlite")
     if o.method not in ("angular", "bi") and store.exists() and not o.resume:
-        raise SurgeryError(f"{store} already holds evaluations; pass --resume to reuse them, or choose another --out")
+        raise UsageError(f"{store} already holds evaluations; pass --resume to reuse them, or choose another --out")
 
 
 def run(o: ScoreOptions, console: Console) -> dict | None:
@@ -89,7 +89,7 @@ def run(o: ScoreOptions, console: Console) -> dict | None:
         try:
             check_exact(n, o.force)
         except ValueError as e:
-            raise SurgeryError(str(e)) from None
+            raise UsageError(str(e)) from None
     common = dict(model=o.model, model_type=model_type, num_layers=depth, unit=o.unit, method=o.method, seed=o.seed)
     if o.method in ("angular", "bi"):
         if rank != 0:
@@ -164,12 +164,12 @@ def _evaluator(lm, tasks: list[str], manager, limit: int | None, console: Consol
 def _calibration_text(path: Path | None) -> str:
     if path is not None:
         if not path.is_file():
-            raise SurgeryError(f"--calibration {path} does not exist; give a text file")
+            raise UsageError(f"--calibration {path} does not exist; give a text file")
         return path.read_text(encoding="utf-8")
     root = os.environ.get(ENV)
     raw = Path(root) / "wikitext2" / "wiki.test.raw" if root else None
     if raw is None or not raw.is_file():
-        raise SurgeryError(f"angular/bi need calibration text: pass --calibration FILE or set {ENV} to a data folder with wikitext2/")
+        raise UsageError(f"angular/bi need calibration text: pass --calibration FILE or set {ENV} to a data folder with wikitext2/")
     return raw.read_text(encoding="utf-8")
 
 

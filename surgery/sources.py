@@ -19,7 +19,7 @@ import torch
 
 from lm_eval_layers.arch import ARCHITECTURES, Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
-from surgery.errors import SurgeryError
+from lm_eval_layers.errors import UsageError
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,22 +70,22 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SurgeryError(f"{path} is not a safetensors file (too short); re-download or re-save it")
+            raise UsageError(f"{path} is not a safetensors file (too short); re-download or re-save it")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100_000_000):
-            raise SurgeryError(f"{path} is not a readable safetensors file (bad header length); re-download or re-save it")
+            raise UsageError(f"{path} is not a readable safetensors file (bad header length); re-download or re-save it")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SurgeryError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
+            raise UsageError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, entry in header.items():
         end = entry.get("data_offsets", [0, 0])[1]
         if data_start + end > size:
-            raise SurgeryError(f"{path} is truncated (tensor {name} ends past the end of the file); re-download it")
+            raise UsageError(f"{path} is truncated (tensor {name} ends past the end of the file); re-download it")
         if entry.get("dtype") not in ST_DTYPES:
-            raise SurgeryError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+            raise UsageError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
     return header, data_start
 
 
@@ -97,17 +97,17 @@ class SafetensorsFolder:
         self.folder = folder
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise SurgeryError(f"{folder} has no config.json; point MODEL at a Hugging Face model folder")
+            raise UsageError(f"{folder} has no config.json; point MODEL at a Hugging Face model folder")
         try:
             self.config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
-            raise SurgeryError(f"{config_path} is not valid JSON ({e.msg}); fix or re-download it") from None
+            raise UsageError(f"{config_path} is not valid JSON ({e.msg}); fix or re-download it") from None
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
             hint = (" (only pickle weights found: convert them to safetensors first; pickles are not loaded, "
                     "they can run code)") if pickles else ""
-            raise SurgeryError(f"{folder} has no .safetensors weights{hint}")
+            raise UsageError(f"{folder} has no .safetensors weights{hint}")
         self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
         self.infos: dict[str, TensorInfo] = {}
         index = folder / "model.safetensors.index.json"
@@ -116,7 +116,7 @@ class SafetensorsFolder:
             files = [folder / f for f in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise SurgeryError(f"{folder} is missing shard(s) {', '.join(missing)} named in its index; re-download them")
+                raise UsageError(f"{folder} is missing shard(s) {', '.join(missing)} named in its index; re-download them")
         for path in files:
             header, start = read_safetensors_header(path)
             for tensor, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -156,7 +156,7 @@ class GGUFFile:
             self.reader = GGUFReader(str(path))
             config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         except (ValueError, OSError, KeyError) as e:
-            raise SurgeryError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]})") from None
         self.hf_config = config
         self.config = config.to_dict()
         arch_field = self.reader.fields["general.architecture"]
@@ -193,7 +193,7 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError) as e:
-        raise SurgeryError(
+        raise UsageError(
             f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "
             "(remote code is never run; upgrade transformers if the architecture is new)"
         ) from None
@@ -212,7 +212,7 @@ def meta_model(config: Any) -> torch.nn.Module:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config)
     except ValueError as e:
-        raise SurgeryError(
+        raise UsageError(
             f"unknown architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it "
             f"({str(e).splitlines()[0][:120]})"
         ) from None
@@ -224,18 +224,18 @@ def open_model(model: str) -> Source:
         try:
             return GGUFFile(smollm2_gguf(), name=ALIAS)
         except FileNotFoundError as e:
-            raise SurgeryError(str(e)) from None
+            raise UsageError(str(e)) from None
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise SurgeryError(f"no GGUF file at {path}; check the path")
+            raise UsageError(f"no GGUF file at {path}; check the path")
         return GGUFFile(path)
     if path.is_dir():
         return SafetensorsFolder(path)
     if path.exists():
-        raise SurgeryError(f"{path} is a file, not a model folder or a .gguf file")
+        raise UsageError(f"{path} is a file, not a model folder or a .gguf file")
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise SurgeryError(f"no model folder at {model}; give a local folder, a .gguf file, a hub id or '{ALIAS}'")
+        raise UsageError(f"no model folder at {model}; give a local folder, a .gguf file, a hub id or '{ALIAS}'")
     return SafetensorsFolder(_download(model), name=model)
 
 
@@ -248,7 +248,7 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, missing repo, gated model: all one clear line
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise SurgeryError(f"cannot get {repo_id} from the hub ({first}); check the id, your network or HF_TOKEN") from None
+        raise UsageError(f"cannot get {repo_id} from the hub ({first}); check the id, your network or HF_TOKEN") from None
 
 
 def is_weight_file(path: Path) -> bool:

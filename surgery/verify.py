@@ -9,7 +9,7 @@ import torch
 
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.variant import apply_plan
-from surgery.errors import SurgeryError
+from lm_eval_layers.errors import UsageError
 from surgery.sources import GGUFFile, Source
 
 
@@ -38,5 +38,5 @@ def verify(written: Path, source: Source, plan: LayerPlan, dtype: torch.dtype, e
     diff = (got - expected).abs().max().item()
     allowed = 0.0 if exact else 2e-2 * expected.abs().max().item()
     if diff > allowed:
-        raise SurgeryError(f"verification failed: written checkpoint differs from the in-memory variant by {diff:.3g} (allowed {allowed:.3g})")
+        raise UsageError(f"verification failed: written checkpoint differs from the in-memory variant by {diff:.3g} (allowed {allowed:.3g})")
     return diff

@@ -124,8 +124,9 @@ def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path
     subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args, "--resume")], env=env, check=True, capture_output=True)
     a, b = json.loads(full.read_text()), json.loads(part.read_text())
     assert b["reused"] >= 6 and b["new_evaluations"] < a["new_evaluations"]
-    assert [u["value"] for u in a["units"]] == [u["value"] for u in b["units"]]
-    assert [u["stderr"] for u in a["units"]] == [u["stderr"] for u in b["units"]]
+    # Separate processes: equal up to float rounding (same batches and threads, but not promised bit-equal).
+    assert [u["value"] for u in a["units"]] == pytest.approx([u["value"] for u in b["units"]], rel=1e-5, abs=1e-7)
+    assert [u["stderr"] for u in a["units"]] == pytest.approx([u["stderr"] for u in b["units"]], rel=1e-5, abs=1e-7)
 
 
 def _scores_file(path: Path, unit: str, values: list[float], num_layers: int = 6, model_type: str = "llama") -> Path:
@@ -210,6 +211,10 @@ def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_p
     assert a["evaluations_per_process"] == [a["new_evaluations"]]
     assert len(b["evaluations_per_process"]) == 2 and min(b["evaluations_per_process"]) > 0  # both did work
     assert sum(b["evaluations_per_process"]) == b["new_evaluations"] == a["new_evaluations"]
-    assert [u["value"] for u in b["units"]] == [u["value"] for u in a["units"]]
-    assert stored_values(two.with_suffix(".sqlite"), "loglik") == stored_values(one.with_suffix(".sqlite"), "loglik")
+    # torchrun runs each process with one thread, so log-likelihoods differ from the single-process
+    # run at float rounding (~1e-7 relative); a missing or doubled coalition moves values by far more.
+    assert [u["value"] for u in b["units"]] == pytest.approx([u["value"] for u in a["units"]], rel=1e-4, abs=1e-6)
+    split, single = stored_values(two.with_suffix(".sqlite"), "loglik"), stored_values(one.with_suffix(".sqlite"), "loglik")
+    assert split.keys() == single.keys()
+    assert [split[c] for c in sorted(split)] == pytest.approx([single[c] for c in sorted(single)], rel=1e-5, abs=1e-6)
     assert proc.stdout.count("shapley (permutation) of") == 1  # one table, from rank 0

@@ -99,7 +99,9 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
         return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
 
     got, expected = loglikelihoods(layered.samples["arc_easy_local"]), loglikelihoods(hf)
-    assert len(got) == 24 and got == expected
+    assert len(got) == 24 and got.keys() == expected.keys()
+    for doc_id, lls in got.items():  # another process: same batches, equal up to float rounding
+        assert lls == pytest.approx(expected[doc_id], abs=1e-6)
     smollm2.fast = True  # shared contexts: hf's numbers to float rounding, the same accuracy
     try:
         shared = evaluate_plans(smollm2, [("pruned", PlanSpec.from_args(drop="24-27", drop_attn=5))], ["arc_easy_local"],
