@@ -15,14 +15,12 @@ from lm_eval_layers.plan import Slot
 def is_zeroed(layout: Layout, slot: Slot, name: str) -> bool:
     """Is tensor `name` (relative to a block, e.g. `mlp.down_proj.weight`) zero in this slot?
 
-    `*-zero` inserts zero both output projections. On disk, where a config cannot say "this
-    block has no attention", a removed branch is written as a zeroed output projection, which
-    computes the same values as skipping the branch.
+    `*-zero` inserts zero every output projection (for a mixture of experts, every expert's and
+    the shared expert's), so the block adds nothing to the residual stream. On disk, where a
+    config cannot say "this block has no attention", a removed branch is written as zeroed
+    output projections, which compute the same values as skipping the branch.
     """
-    zeroed = list(layout.out_projections) if slot.zero_out else []
-    zeroed += [layout.attn_out] if slot.drop_attn else []
-    zeroed += [layout.mlp_out] if slot.drop_mlp else []
-    return any(name.startswith(proj + ".") for proj in zeroed)
+    return layout.is_output(name, attn=slot.zero_out or slot.drop_attn, mlp=slot.zero_out or slot.drop_mlp)
 
 
 def synthesize(layout: Layout, slot: Slot, name: str, sources: list[torch.Tensor]) -> torch.Tensor:

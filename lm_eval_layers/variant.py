@@ -18,7 +18,7 @@ from lm_eval_layers.arch import Layout, layer_config_updates, layout_for, text_c
 from lm_eval_layers.plan import LayerPlan, PlanError, Slot
 from lm_eval_layers.recipes import synthesize
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _branch_output(hidden_states: torch.Tensor, args: tuple, residual_inside: bool) -> torch.Tensor:
@@ -143,6 +143,7 @@ class Variant:
         self.model = model
         self.plan = plan
         self.layout = layout_for(model)
+        self.layout.check(plan)
         parent, name = self.layout.parent_and_name(model)
         self._parent, self._name = parent, name
         self.original_blocks: nn.ModuleList = getattr(parent, name)

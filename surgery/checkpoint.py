@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,7 +27,8 @@ from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
 from lm_eval_layers.errors import UsageError
-from surgery.sources import ST_NAMES, Source, TensorInfo, free_bytes, is_weight_file
+from surgery.safetensors_io import copy_bytes, write_header, write_tensor
+from surgery.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model
 
 PLAN_FILE = "layer_plan.json"
 NEW_PARAMS_FILE = "new_parameters.json"
@@ -68,6 +69,7 @@ def block_prefix(names: list[str], layout: Layout) -> str:
 
 def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> list[OutTensor]:
     """Every output tensor, in order, with its recipe; checks that the plan can be built."""
+    layout.check(plan)
     names = list(source.infos)
     prefix = block_prefix(names, layout)
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)$")
@@ -117,34 +119,6 @@ def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
     return tensor.to(t.info.dtype)
 
 
-def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
-    f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _copy_range(f: BinaryIO, path: Path, start: int, length: int) -> None:
-    f.flush()
-    with path.open("rb") as src:
-        offset, left = start, length
-        try:
-            while left:
-                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset)
-                if n == 0:
-                    raise UsageError(f"{path} ended early while copying; the file is truncated")
-                offset += n
-                left -= n
-            f.seek(0, os.SEEK_END)
-            return
-        except (AttributeError, OSError):
-            pass  # no copy_file_range (other OS or file system): plain reads
-        src.seek(offset)
-        while left:
-            chunk = src.read(min(left, 64 << 20))
-            if not chunk:
-                raise UsageError(f"{path} ended early while copying; the file is truncated")
-            f.write(chunk)
-            left -= len(chunk)
-
-
 def shard(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
     shards: list[list[OutTensor]] = [[]]
     size = 0
@@ -167,23 +141,14 @@ def write_weights(
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
     ]
     for file, group in zip(files, groups):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for t in group:
-            header[t.name] = {"dtype": ST_NAMES[t.info.dtype], "shape": list(t.info.shape),
-                              "data_offsets": [offset, offset + t.info.nbytes]}
-            offset += t.info.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         with (folder / file).open("wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
+            write_header(f, [(t.name, t.info.dtype, t.info.shape) for t in group])
             for t in group:
                 raw = source.raw(t.copy_of) if t.copy_of is not None else None
                 if raw is not None and t.info == source.infos[t.copy_of]:
-                    _copy_range(f, raw.path, raw.start, raw.length)
+                    copy_bytes(f, raw)
                 else:
-                    _write_tensor(f, _make(source, layout, t))
+                    write_tensor(f, _make(source, layout, t))
                 progress(t.info.nbytes)
     if len(groups) > 1:
         index = {
@@ -198,7 +163,7 @@ def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, 
     """config.json with every layer-describing field made consistent with the plan."""
     config = json.loads(json.dumps(source.config))
     target = config
-    if not any(k in config for k in (layout.layer_count, "num_hidden_layers", "n_layer", "num_layers")):
+    if not any(k in config for k in layout.count_keys):
         target = config.get("text_config", config)
     target.update(layer_config_updates(layout, plan, target))
     if not config.get("architectures"):  # GGUF-derived configs lack it; mergekit and the hub need it
@@ -230,7 +195,7 @@ def copy_side_files(folder: Path, source: Source) -> None:
 
 
 def write_metadata(folder: Path, title: str, source: Source, plan: LayerPlan, layout: Layout, command: str,
-                   tensors: list[OutTensor], dtype: torch.dtype | None) -> None:
+                   dtype: torch.dtype | None) -> None:
     """The plan file, the model card, and (for expansions) the parameters to train."""
     record = {
         "tool": "lm-eval-layers", "version": __version__, "command": command, "base_model": source.name,
@@ -240,11 +205,11 @@ def write_metadata(folder: Path, title: str, source: Source, plan: LayerPlan, la
     (folder / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     new = plan.new_slots
     if new:
-        names = [t.name for t in tensors if t.slot is not None and t.slot.synthesized]
         (folder / NEW_PARAMS_FILE).write_text(json.dumps({
             "layers_to_transform": list(new),  # peft.LoraConfig(layers_to_transform=..., layers_pattern=...)
             "layers_pattern": layout.blocks.split(".")[-1],
-            "parameter_names": names,  # freeze everything else: p.requires_grad = name in parameter_names
+            # freeze everything else: p.requires_grad = name in parameter_names
+            "parameter_names": new_parameter_names(source, plan, layout),
         }, indent=2) + "\n")
     kind = "expanded" if new else "pruned"
     rows = "\n".join(f"| {k} | {s.describe()} |" for k, s in enumerate(plan.slots))
@@ -274,6 +239,17 @@ MLP branches are stored as zeroed output projections, which compute the same val
 {rows}
 """
     (folder / "README.md").write_text(card)
+
+
+def new_parameter_names(source: Source, plan: LayerPlan, layout: Layout) -> list[str]:
+    """Names of the new blocks' parameters in the loaded model, which is what training sees:
+    transformers may rename checkpoint tensors on load (a mixture of experts' per-expert
+    tensors become one fused parameter), so they come from the model's weightless module tree."""
+    blocks = layout.find_blocks(meta_model(source.hf_config))
+    assert blocks is not None
+    return [
+        f"{layout.blocks}.{k}.{rel}" for k in plan.new_slots for rel, _ in blocks[plan.slots[k].source].named_parameters()
+    ]
 
 
 def base_model(source: Source) -> str:

@@ -84,7 +84,7 @@ def _write(command: str, model: str, spec: PlanSpec, out: Path, dtype: Optional[
             files = write_weights(tmp, source, layout, tensors, shard_bytes, lambda n: progress.advance(task, n))
         write_config(tmp, source, plan, layout, torch_dtype)
         copy_side_files(tmp, source)
-        write_metadata(tmp, out.name, source, plan, layout, command, tensors, torch_dtype)
+        write_metadata(tmp, out.name, source, plan, layout, command, torch_dtype)
         if verify:
             out_dtype = torch_dtype or tensors[0].info.dtype
             exact = all(t.info.dtype == source.infos[t.sources[0]].dtype for t in tensors)
@@ -227,7 +227,6 @@ def describe(source: Source) -> dict:
 
     config = source.config
     text = config.get("text_config", config)
-    layer_keys = (layout.layer_count, "num_hidden_layers", "n_layer", "num_layers", "max_window_layers", *layout.per_layer)
     return {
         "model": source.name,
         "architecture": (config.get("architectures") or [type(source.hf_config).__name__])[0],
@@ -244,7 +243,7 @@ def describe(source: Source) -> dict:
         "bytes": sum(source.infos[n].nbytes for n in names),
         "tied_embeddings": bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
         and not any(n.endswith("lm_head.weight") for n in names),
-        "layer_config": {k: text[k] for k in dict.fromkeys(layer_keys) if k in text},
+        "layer_config": {k: text[k] for k in layout.layer_keys if k in text},
     }
 
 

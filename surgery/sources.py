@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,13 +19,8 @@ import torch
 from lm_eval_layers.arch import ARCHITECTURES, Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
 from lm_eval_layers.errors import UsageError
+from surgery.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
@@ -37,19 +31,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-@dataclass(frozen=True)
-class RawBytes:
-    """Where a tensor's bytes lie in a safetensors file: copyable without decoding."""
-
-    path: Path
-    start: int
-    length: int
+        return nbytes(self.dtype, self.shape)
 
 
 class Source(Protocol):
@@ -62,31 +44,6 @@ class Source(Protocol):
     def tensor(self, name: str) -> torch.Tensor: ...
 
     def raw(self, name: str) -> RawBytes | None: ...
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and where its data starts; clear errors if broken."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UsageError(f"{path} is not a safetensors file (too short); re-download or re-save it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise UsageError(f"{path} is not a readable safetensors file (bad header length); re-download or re-save it")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UsageError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, entry in header.items():
-        end = entry.get("data_offsets", [0, 0])[1]
-        if data_start + end > size:
-            raise UsageError(f"{path} is truncated (tensor {name} ends past the end of the file); re-download it")
-        if entry.get("dtype") not in ST_DTYPES:
-            raise UsageError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-    return header, data_start
 
 
 class SafetensorsFolder:
@@ -118,10 +75,10 @@ class SafetensorsFolder:
             if missing:
                 raise UsageError(f"{folder} is missing shard(s) {', '.join(missing)} named in its index; re-download them")
         for path in files:
-            header, start = read_safetensors_header(path)
+            header, start = read_header(path)
             for tensor, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self._where[tensor] = (path, entry, start)
-                self.infos[tensor] = TensorInfo(ST_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+                self.infos[tensor] = TensorInfo(DTYPES[entry["dtype"]], tuple(entry["shape"]))
 
     @functools.cached_property
     def hf_config(self) -> Any:
@@ -134,11 +91,7 @@ class SafetensorsFolder:
         return RawBytes(path, start + begin, end - begin)
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._where[name][0]
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
+        return read_tensor(self._where[name][0], name)
 
 
 class GGUFFile:

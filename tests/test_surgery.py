@@ -20,7 +20,8 @@ from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.variant import apply_plan
 from surgery.checkpoint import atomic_output, plan_tensors, write_weights
 from surgery.cli import app
-from surgery.sources import SafetensorsFolder, read_safetensors_header
+from surgery.safetensors_io import read_header
+from surgery.sources import SafetensorsFolder
 
 torch.set_grad_enabled(False)
 runner = CliRunner()
@@ -40,7 +41,7 @@ def raw_tensors(folder: Path) -> dict[str, bytes]:
     """Every tensor's bytes, straight from the safetensors files."""
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
-        header, start = read_safetensors_header(path)
+        header, start = read_header(path)
         data = path.read_bytes()
         for name, entry in header.items():
             a, b = entry["data_offsets"]
@@ -118,7 +119,7 @@ def test_sharded_input_and_sharded_output(tmp_path):
     shards = sorted((tmp_path / "out").glob("*.safetensors"))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
-    assert all(p.stat().st_size <= 40_000 + 2_000 for p in shards if len(read_safetensors_header(p)[0]) > 1)
+    assert all(p.stat().st_size <= 40_000 + 2_000 for p in shards if len(read_header(p)[0]) > 1)
     written = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     with apply_plan(model, PlanSpec.from_args(drop=2).resolve(DEPTH)):
         assert torch.equal(written(IDS).logits, model(IDS).logits)
@@ -131,7 +132,7 @@ def test_dtype_conversion_and_verify(tmp_path):
     assert "verified" in result.output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["num_hidden_layers"] == DEPTH + 1
-    header, _ = read_safetensors_header(tmp_path / "out" / "model.safetensors")
+    header, _ = read_header(tmp_path / "out" / "model.safetensors")
     assert {e["dtype"] for e in header.values()} == {"BF16"}
 
 
