@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,40 +22,19 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from lm_eval_layers.arch import num_layers
+from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import PlanSpec
+from lm_eval_layers.scores_file import read_scores
 from surgery.checkpoint import (
     atomic_output, block_prefix, copy_side_files, parse_size, plan_tensors, write_config, write_metadata,
     write_weights,
 )
-from lm_eval_layers.errors import LayersError, UsageError
+from surgery.options import DType, ModelArg, console, user_errors
 from surgery.sources import Source, open_model, source_layout
 from surgery.verify import verify as verify_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Write pruned and expanded checkpoints as safetensors, exactly as `layered` evaluates them.")
-console = Console(stderr=True)
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """One line on stderr and exit code 2 for every mistake a user can make; no traceback."""
-    try:
-        yield
-    except (LayersError, FileNotFoundError) as e:
-        typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written", err=True)
-        raise typer.Exit(130) from None
-
-
-ModelArg = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)")
 OutOpt = typer.Option(..., "--out", help="output folder (must not exist or be empty, unless --force)")
 DTypeOpt = typer.Option(None, "--dtype", help="convert floating tensors (default: keep; GGUF: float32)")
 ShardOpt = typer.Option("5GB", "--max-shard-size", help="largest safetensors file, e.g. 5GB, 500MB")
@@ -115,7 +92,7 @@ def prune(
         if drop is None and keep is None and drop_attn is None and drop_mlp is None and scores is None:
             raise UsageError("prune needs --drop, --keep, --drop-attn, --drop-mlp or --scores with --drop-lowest")
         spec = PlanSpec.from_args(drop=drop, keep=keep, drop_attn=drop_attn, drop_mlp=drop_mlp,
-                                  scores=str(scores) if scores else None, drop_lowest=drop_lowest)
+                                  scores=read_scores(scores) if scores else None, drop_lowest=drop_lowest)
         _write("prune", model, spec, out, dtype, max_shard_size, force, verify)
 
 
@@ -178,6 +155,11 @@ def score(
     eff = result["efficiency"]
     console.print(f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
                   f"{result['evaluations']} coalitions; written {out}" + (f" and {plot}" if plot else ""))
+
+
+from surgery.train import train as _train  # noqa: E402  (options and logic live in surgery/train.py)
+
+app.command(name="train")(_train)
 
 
 @app.command()

@@ -1,0 +1,406 @@
+"""One training run: check everything, prepare plain weights, train with transformers' Trainer
+(and PEFT for LoRA), write the output folder atomically.
+
+Why the plain `Trainer` and not trl's `SFTTrainer`: response-only loss is a labelling question,
+answered once in `data.py` for all four record formats (conversations rendered to
+prompt/response spans by the model's own chat template). trl's `assistant_only_loss` needs
+`{% generation %}` markers that most chat templates (SmolLM2's included) lack, and trl adds
+dependencies without adding anything else this command uses. The Trainer still does all the
+training: optimizer, schedule, gradient accumulation, checkpoints and resuming, data
+parallelism under `torchrun` / `accelerate launch`.
+
+Folders: everything in progress lives in `DIR.partial/` beside `--out DIR`: `checkpoints/`
+(the Trainer's, which `--resume` continues from), `base/` and `teacher/` (plain fp32
+safetensors of GGUF inputs: transformers can neither train nor save a GGUF-loaded model),
+`run.json` (the options, so a resume with other options is refused) and `final/`, renamed to
+DIR at the end, after which `DIR.partial/` is removed. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from transformers import TrainerCallback
+
+from lm_eval_layers.arch import num_layers
+from lm_eval_layers.errors import UsageError
+from lm_eval_layers.training import data as D
+from lm_eval_layers.training import report
+from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable
+
+HEAL = {"lora": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lr": 2e-4}  # --heal: LoRA on all blocks, merged
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-4}
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainOptions:
+    """Everything `surgery train` takes; defaults are the command's defaults."""
+
+    model: str
+    data: str
+    out: Path
+    layers: str | None = None
+    freeze_bottom: str | None = None
+    new_blocks: bool = False
+    lora: int | None = None
+    lora_alpha: float | None = None  # default: 2 × rank
+    lora_dropout: float = 0.05
+    heal: bool = False
+    adapter_only: bool = False
+    distill_from: str | None = None
+    temperature: float = 2.0
+    distill_weight: float = 1.0  # share of the KL term; the rest is the LM loss
+    max_length: int = 512
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    eval_fraction: float = 0.0
+    dtype: str = "float32"
+    save_steps: int = 50
+    resume: bool = False
+    force: bool = False
+    callbacks: list[Any] = field(default_factory=list)  # extra TrainerCallbacks (tests, benchmarks)
+
+    def check(self) -> None:
+        """Option mistakes, caught before anything is read."""
+        if self.heal:
+            if self.layers or self.freeze_bottom or self.new_blocks:
+                raise UsageError("--heal trains LoRA on all blocks; drop the selection or use --lora R with it instead")
+            self.lora = self.lora or HEAL["lora"]
+            self.lora_alpha = self.lora_alpha or HEAL["lora_alpha"]
+            self.lora_dropout = HEAL["lora_dropout"]
+        if self.adapter_only and not self.lora:
+            raise UsageError("--adapter-only writes a LoRA adapter; add --lora R (or --heal)")
+        checks = [
+            (self.lora is not None and self.lora < 1, f"--lora {self.lora}: the rank must be a positive whole number, e.g. 8"),
+            (self.max_steps is not None and self.epochs is not None, "--max-steps and --epochs are exclusive; give one"),
+            (self.max_steps is not None and self.max_steps < 1, "--max-steps must be at least 1"),
+            (self.epochs is not None and self.epochs <= 0, "--epochs must be positive"),
+            (self.max_length < 2, "--max-length must be at least 2 tokens"),
+            (self.batch_size < 1 or self.grad_accum < 1, "--batch-size and --grad-accum must be at least 1"),
+            (not 0 <= self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction} must be in [0, 1), e.g. 0.1"),
+            (self.temperature <= 0, "--temperature must be positive, e.g. 2"),
+            (not 0 <= self.distill_weight <= 1, "--distill-weight must be in [0, 1] (1: KL only, 0: LM loss only)"),
+            (self.lr is not None and self.lr <= 0, "--lr must be positive"),
+            (self.save_steps < 1, "--save-steps must be at least 1"),
+            (self.dtype not in ("float32", "bfloat16", "float16"), f"--dtype {self.dtype}: use float32, bfloat16 or float16"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise UsageError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return HEAL["lr"] if self.heal else DEFAULT_LR["lora" if self.lora else "full"]
+
+    def recorded(self) -> dict[str, Any]:
+        """The options that define a run (a resumed run must match them)."""
+        skip = {"resume", "force", "callbacks"}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class Work:
+    """The work folder beside the output."""
+
+    out: Path
+
+    @property
+    def root(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None
+
+
+def check_paths(options: TrainOptions) -> Work:
+    """The output and work folders: never overwrite without --force, resume only what exists."""
+    out = options.out.expanduser().resolve()
+    options.out = out
+    work = Work(out)
+    model_dir = Path(options.model).expanduser()
+    if model_dir.is_dir() and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
+        raise UsageError(f"--out {out} is inside the input model folder {model_dir}; write somewhere else")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not options.force:
+        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
+    if options.resume:
+        if not work.root.is_dir():
+            raise UsageError(f"--resume: there is no interrupted run at {work.root}; start without --resume")
+        saved = json.loads((work.root / RUN_FILE).read_text()) if (work.root / RUN_FILE).is_file() else None
+        if saved is not None and saved != options.recorded():
+            changed = sorted(k for k in saved if saved[k] != options.recorded().get(k))
+            raise UsageError(f"--resume with other options than the interrupted run ({', '.join(changed)}); use the same ones or --force")
+    elif work.root.exists() and not options.force:
+        raise UsageError(f"{work.root} holds an interrupted run; continue it with --resume or start over with --force")
+    return work
+
+
+def plain_folder(source: Any, dest: Path) -> Path:
+    """A folder transformers can train and save: the input's own, or GGUF dequantised to fp32
+    safetensors with the same writer `surgery prune` uses (tensor by tensor)."""
+    if source.folder is not None:
+        return Path(source.folder)
+    if (dest / "config.json").is_file():
+        return dest
+    from lm_eval_layers.plan import LayerPlan
+    from surgery.checkpoint import copy_side_files, plan_tensors, write_config, write_weights
+    from surgery.sources import source_layout
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plan = LayerPlan.identity(num_layers(source.config))
+    layout = source_layout(source)
+    tensors = plan_tensors(source, plan, layout, torch.float32)
+    write_weights(tmp, source, layout, tensors, 5 * 10**9)
+    write_config(tmp, source, plan, layout, torch.float32)
+    copy_side_files(tmp, source)
+    tmp.rename(dest)
+    return dest
+
+
+def load_tokenizer(source: Any) -> Any:
+    import transformers
+
+    try:
+        if source.folder is not None:
+            return transformers.AutoTokenizer.from_pretrained(str(source.folder))
+        return transformers.AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{source.name} has no usable tokenizer ({str(e).splitlines()[0][:120]}); add its tokenizer files") from None
+
+
+def source_dtype(source: Any) -> torch.dtype:
+    """The input's floating dtype (GGUF: float32): the output keeps it, so frozen tensors stay byte-identical."""
+    floats = [info.dtype for info in source.infos.values() if info.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
+    """Run `surgery train`; returns the training log (None on processes other than the main one)."""
+    from surgery.sources import open_model
+
+    options.check()
+    work = check_paths(options)
+    source = open_model(options.model)
+    depth = num_layers(source.config)
+    selection = select_blocks(depth, options.layers, options.freeze_bottom, options.new_blocks, source.folder)
+    teacher_source = open_model(options.distill_from) if options.distill_from else None
+    tokenizer = load_tokenizer(source)
+    records = D.load_records(options.data)
+    fmt = D.detect_format(records)
+    added_template = fmt in (D.RecordFormat.messages, D.RecordFormat.prompt_completion) and D.ensure_chat_template(tokenizer)
+    examples = D.tokenize(records, fmt, tokenizer, options.max_length)
+    train_set, eval_set = D.split(examples, options.eval_fraction, options.seed)
+    if len(train_set) < options.batch_size:
+        raise UsageError(f"{len(train_set)} training examples are fewer than --batch-size {options.batch_size}; lower it")
+
+    args = training_arguments(options, work)
+    main = args.process_index == 0
+    say = console.print if main else (lambda *a, **k: None)
+    say(f"data: {len(records):,} records, format {fmt.value}"
+        + (" (no chat template: the plain User:/Assistant: template is used and saved)" if added_template else "")
+        + f"; {len(train_set):,} for training, {len(eval_set):,} held out")
+    say(f"training {selection.description} of {depth} ({'LoRA r=' + str(options.lora) if options.lora else 'full weights'})"
+        + (f", distilling from {options.distill_from}" if options.distill_from else ""))
+    _hint_s_strategy(source, options, say)
+
+    try:
+        with args.main_process_first(local=False):
+            if main:
+                if not options.resume:
+                    shutil.rmtree(work.root, ignore_errors=True)  # --force: start over
+                work.root.mkdir(parents=True, exist_ok=True)
+                (work.root / RUN_FILE).write_text(json.dumps(options.recorded(), indent=2) + "\n")
+            base = plain_folder(source, work.root / "base")
+            teacher_dir = plain_folder(teacher_source, work.root / "teacher") if teacher_source else None
+        log = _run(options, args, work, source, base, teacher_dir, tokenizer, selection, fmt, train_set, eval_set, console)
+    except BaseException:
+        if main and not options.resume and work.last_checkpoint() is None:
+            shutil.rmtree(work.root, ignore_errors=True)
+        elif main and work.root.exists():
+            console.print(f"kept {work.root}: continue this run with --resume")
+        raise
+    return log
+
+
+def _hint_s_strategy(source: Any, options: TrainOptions, say: Any) -> None:
+    """Llama SLayer's S strategy also trains the new last block; say how when the plan suggests it."""
+    plan_file = Path(source.folder) / "layer_plan.json" if source.folder is not None else None
+    if not (options.new_blocks and options.layers is None and plan_file and plan_file.is_file()):
+        return
+    from lm_eval_layers.plan import LayerPlan
+
+    plan = LayerPlan.from_dict(json.loads(plan_file.read_text())["plan"])
+    if plan.num_layers - 1 in plan.dropped:
+        say("note: the deepest blocks were dropped (S strategy); to train the new last block too, add --layers -1")
+
+
+def training_arguments(options: TrainOptions, work: Work) -> Any:
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=str(work.checkpoints),
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        weight_decay=0.0,
+        max_steps=options.max_steps or -1,
+        num_train_epochs=options.epochs or 1.0,
+        seed=options.seed,
+        data_seed=options.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=1,
+        eval_strategy="no",
+        use_cpu=not torch.cuda.is_available(),  # on CPU, also what makes torchrun form a gloo group
+        report_to="none",
+        disable_tqdm=True,
+        log_level="warning",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, teacher_dir: Path | None, tokenizer: Any,
+         selection: Selection, fmt: D.RecordFormat, train_set: list, eval_set: list, console: Console) -> dict[str, Any] | None:
+    import transformers
+    from transformers.trainer_callback import PrinterCallback
+
+    from lm_eval_layers.arch import layout_for
+
+    dtype = getattr(torch, options.dtype)
+    transformers.set_seed(options.seed)  # LoRA's initialisation draws from it
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    layout = layout_for(model)
+    lora = None
+    if options.lora:
+        from peft import get_peft_model
+
+        config = lora_config(model, layout, selection, options.lora, options.lora_alpha or 2.0 * options.lora, options.lora_dropout)
+        model = get_peft_model(model, config)
+        lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                "target_modules": sorted(config.target_modules), "layers_to_transform": list(selection.blocks)}
+    else:
+        freeze_all_but(model, layout, selection)
+    count, total, names = trainable(model)
+
+    kwargs: dict[str, Any] = dict(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+        data_collator=D.Collator(D.pad_id(tokenizer)), callbacks=[OptimizerHoldsSelection(), *options.callbacks],
+    )
+    if teacher_dir is not None:
+        from lm_eval_layers.training.distill import DistillTrainer
+
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
+        if teacher.get_output_embeddings().weight.shape[0] < len(tokenizer):
+            raise UsageError(f"--distill-from {options.distill_from} does not cover this model's vocabulary; use a teacher with the same tokenizer")
+        trainer = DistillTrainer(**kwargs, teacher=teacher, temperature=options.temperature, weight=options.distill_weight)
+    else:
+        trainer = transformers.Trainer(**kwargs)
+    trainer.remove_callback(PrinterCallback)
+    main = trainer.is_world_process_zero()
+    if main:
+        trainer.add_callback(report.ProgressBar(console))
+
+    resume_from = work.last_checkpoint() if options.resume else None
+    if options.resume and resume_from is None and main:
+        console.print(f"no checkpoint in {work.checkpoints} yet: starting from step 0")
+    before = trainer.evaluate()["eval_loss"] if eval_set else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    after = trainer.evaluate()["eval_loss"] if eval_set else None
+    if not main:
+        return None
+
+    state = trainer.state
+    tokens = state.num_input_tokens_seen
+    session_tokens = tokens - trainer._initial_num_input_tokens_seen
+    log = {
+        "model": options.model, "data": options.data, "format": fmt.value, "out": str(options.out),
+        "selection": selection.description, "blocks": list(selection.blocks),
+        "method": ("LoRA" if lora else "full") + (" + distillation" if teacher_dir else ""),
+        "adapter_only": options.adapter_only, "lora": lora,
+        "distill": {"teacher": options.distill_from, "temperature": options.temperature, "weight": options.distill_weight}
+        if teacher_dir else None,
+        "trainable_parameters": count, "total_parameters": total, "trainable_names": names,
+        "train_examples": len(train_set), "eval_examples": len(eval_set),
+        "steps": state.global_step, "epochs": state.epoch, "tokens": tokens, "world_size": args.world_size,
+        "wall_seconds": seconds, "tokens_per_second": session_tokens / max(seconds, 1e-9),
+        "seconds_per_step": seconds / max(state.global_step - _start_step(resume_from), 1),
+        "resumed_from_step": _start_step(resume_from), "train_loss": result.training_loss,
+        "eval_loss_before": before, "eval_loss": after, "learning_rate": options.learning_rate, "dtype": options.dtype,
+        "loss_curve": report.loss_curve(state.log_history), "options": options.recorded(),
+    }
+    write_output(options, work, trainer.model, tokenizer, source, log)
+    console.print(report.summary(log, options.out))
+    return log
+
+
+def _start_step(checkpoint: str | None) -> int:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+class OptimizerHoldsSelection(TrainerCallback):
+    """Re-checks, once the optimizer exists, that it holds exactly the trainable parameters
+    (frameworks that freeze after building it silently train frozen ones)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        wanted = {id(p) for p in model.parameters() if p.requires_grad}
+        if held != wanted:
+            raise RuntimeError(f"the optimizer holds {len(held)} tensors but {len(wanted)} are trainable")
+
+
+def write_output(options: TrainOptions, work: Work, model: Any, tokenizer: Any, source: Any, log: dict[str, Any]) -> None:
+    """The final folder, written inside the work folder and then renamed to --out."""
+    from surgery.checkpoint import base_model
+
+    final = work.root / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()
+    if options.adapter_only:
+        adapter = model.peft_config["default"]
+        adapter.base_model_name_or_path = source.name if source.folder is None else str(Path(source.folder).resolve())
+        model.save_pretrained(str(final))
+    else:
+        if log["lora"]:
+            model = model.merge_and_unload()
+        model.to(source_dtype(source)).save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    report.write_log(final, log)
+    report.plot(final, log)
+    report.model_card(final, log, base_model(source))
+    out = options.out
+    trash = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    if out.exists():
+        out.rename(trash)
+    final.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(work.root, ignore_errors=True)

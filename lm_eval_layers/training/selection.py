@@ -1,0 +1,185 @@
+"""What trains: a set of blocks chosen by index, then either their full weights or LoRA adapters
+on their linear modules.
+
+Blocks are found through the architecture layouts (`lm_eval_layers.arch`), never by matching
+checkpoint names, so GPT-2-style checkpoints that drop the outer prefix select the same blocks.
+
+Choices (one at a time; default: all blocks):
+- `--layers SPEC`: the layer plan's index syntax (`0-7`, `3;5-7`, `-2`).
+- `--freeze-bottom P`: freeze the lowest P blocks (`25%` of the depth, or a count) and train the rest.
+- `--new-blocks`: the blocks `surgery expand` listed in the model folder's `new_parameters.json`
+  (LLaMA-Pro: only the inserted blocks train). The one allowed union is `--new-blocks --layers
+  SPEC`: Llama SLayer's S strategy also trains the new last block, so it is
+  `--new-blocks --layers -1` on a `--preset slayer` expansion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lm_eval_layers.arch import Layout
+from lm_eval_layers.errors import PlanError, SelectionError
+from lm_eval_layers.plan import _parse_ranges, _resolve, format_indices
+
+NEW_PARAMS_FILE = "new_parameters.json"
+
+
+@dataclass(frozen=True)
+class Selection:
+    blocks: tuple[int, ...]  # indices into the model's block list, sorted
+    description: str  # for logs, the table and the model card
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            raise SelectionError("the selection is empty: nothing would train; choose at least one block")
+
+
+def select_blocks(
+    num_blocks: int,
+    layers: str | None = None,
+    freeze_bottom: str | None = None,
+    new_blocks: bool = False,
+    model_folder: Path | None = None,
+) -> Selection:
+    """The blocks to train, checked against the model's depth before any weight is loaded."""
+    chosen = [name for name, on in (("--layers", layers is not None), ("--freeze-bottom", freeze_bottom is not None),
+                                    ("--new-blocks", new_blocks)) if on]
+    if len(chosen) > 1 and chosen != ["--layers", "--new-blocks"]:
+        raise SelectionError(
+            f"{' and '.join(chosen)} are two selections; give one (only --new-blocks --layers SPEC combine, as a union)"
+        )
+    blocks: set[int] = set()
+    parts: list[str] = []
+    if new_blocks:
+        new = read_new_blocks(model_folder, num_blocks)
+        blocks |= set(new)
+        parts.append(f"new blocks {format_indices(new)}")
+    if layers is not None:
+        picked = block_indices("--layers", layers, num_blocks)
+        blocks |= set(picked)
+        parts.append(f"blocks {format_indices(picked)}")
+    if freeze_bottom is not None:
+        frozen = bottom_count(freeze_bottom, num_blocks)
+        blocks = set(range(frozen, num_blocks))
+        parts.append(f"blocks {format_indices(blocks)} (bottom {frozen} frozen)")
+    if not parts:
+        blocks = set(range(num_blocks))
+        parts.append(f"all {num_blocks} blocks")
+    return Selection(tuple(sorted(blocks)), " + ".join(parts))
+
+
+def block_indices(option: str, spec: str, num_blocks: int) -> list[int]:
+    """A plan-syntax index list resolved against the depth (negatives count from the end)."""
+    try:
+        return _resolve(option, _parse_ranges(option, spec), num_blocks)
+    except PlanError as e:
+        raise SelectionError(str(e)) from None
+
+
+def bottom_count(value: str, num_blocks: int) -> int:
+    """`25%` -> a quarter of the blocks (rounded), `3` -> 3; must leave one block to train."""
+    text = value.strip()
+    try:
+        count = round(float(text[:-1]) / 100 * num_blocks) if text.endswith("%") else int(text)
+    except ValueError:
+        raise SelectionError(f"--freeze-bottom {value!r} is not a share or a count; write it like 25% or 4") from None
+    if not 0 <= count < num_blocks:
+        raise SelectionError(
+            f"--freeze-bottom {value} freezes {count} of {num_blocks} blocks; leave at least one block to train (0..{num_blocks - 1})"
+        )
+    return count
+
+
+def read_new_blocks(model_folder: Path | None, num_blocks: int) -> list[int]:
+    """The inserted blocks listed by `surgery expand` (positions in the expanded model)."""
+    path = model_folder / NEW_PARAMS_FILE if model_folder is not None else None
+    if path is None or not path.is_file():
+        raise SelectionError(
+            f"--new-blocks needs {NEW_PARAMS_FILE} in the model folder (written by `surgery expand`); "
+            "expand the model first or choose blocks with --layers"
+        )
+    try:
+        new = [int(i) for i in json.loads(path.read_text())["layers_to_transform"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise SelectionError(f"{path} has no list 'layers_to_transform'; re-run `surgery expand`") from None
+    bad = [i for i in new if not 0 <= i < num_blocks]
+    if bad or not new:
+        raise SelectionError(f"{path} lists blocks {bad or '(none)'} but the model has {num_blocks}; re-run `surgery expand`")
+    return sorted(set(new))
+
+
+def block_list(model: nn.Module, layout: Layout) -> nn.ModuleList:
+    blocks = layout.find_blocks(model)
+    if blocks is None:
+        raise SelectionError(f"no decoder blocks at {layout.blocks} in this model")
+    return blocks
+
+
+def freeze_all_but(model: nn.Module, layout: Layout, selection: Selection) -> None:
+    """Full fine-tuning of the selected blocks: every other parameter frozen.
+
+    Done before the Trainer builds its optimizer, which then holds only these parameters.
+    A tensor shared between a selected block and anything outside it (tied weights) would
+    let training change frozen parts, so it is refused.
+    """
+    blocks = block_list(model, layout)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in selection.blocks:
+        for p in blocks[i].parameters():
+            p.requires_grad_(True)
+    inside = {id(p) for i in selection.blocks for p in blocks[i].parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in inside and not _in_blocks(name, layout, selection):
+            raise SelectionError(f"{name} shares its tensor with a selected block (tied weights); select blocks without it")
+
+
+def _in_blocks(name: str, layout: Layout, selection: Selection) -> bool:
+    head = f"{layout.blocks}."
+    rest = name.split(head, 1)[1] if head in name else ""
+    index = rest.split(".", 1)[0]
+    return index.isdigit() and int(index) in selection.blocks
+
+
+def linear_modules(model: nn.Module, layout: Layout, selection: Selection) -> tuple[list[str], bool]:
+    """Names, relative to a block, of the selected blocks' linear modules (`nn.Linear` and
+    GPT-2's `Conv1D`, which LoRA adapts), and whether they are `Conv1D` (stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = block_list(model, layout)
+    found = {
+        rel: isinstance(module, Conv1D)
+        for i in selection.blocks
+        for rel, module in blocks[i].named_modules()
+        if rel and isinstance(module, (nn.Linear, Conv1D))
+    }
+    if not found:
+        raise SelectionError("the selected blocks have no linear modules for LoRA; train their full weights instead")
+    return sorted(found), any(found.values())
+
+
+def lora_config(model: nn.Module, layout: Layout, selection: Selection, rank: int, alpha: float, dropout: float) -> Any:
+    """PEFT's config for LoRA on the selected blocks: module names relative to a block plus
+    `layers_to_transform` (the block indices) under `layers_pattern` (the block list's name)."""
+    from peft import LoraConfig
+
+    targets, conv1d = linear_modules(model, layout, selection)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=targets, fan_in_fan_out=conv1d,
+        layers_to_transform=list(selection.blocks), layers_pattern=layout.blocks.split(".")[-1],
+    )
+
+
+def trainable(model: nn.Module) -> tuple[int, int, list[str]]:
+    """Trainable and total parameter counts, and the trainable parameters' names."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return count, total, names

@@ -1,0 +1,62 @@
+"""`surgery train`: fine-tune the blocks you choose (full weights or LoRA, optionally distilling
+from a teacher) and write a model folder. The work itself is `lm_eval_layers.training.run`;
+this module holds the command's options, so importing the CLI stays cheap."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+class TrainDType(str, Enum):
+    float32 = "float32"  # the CPU default: bf16 backward is many times slower on CPUs without AMX
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def train(
+    model: str = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"),
+    data: str = typer.Option(..., "--data", help=".jsonl/.json/.parquet file or hub dataset id: messages, prompt/completion, Alpaca or text records"),
+    out: Path = typer.Option(..., "--out", help="output folder (must not exist or be empty, unless --force); work goes to OUT.partial/"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="blocks to train, plan syntax: 0-7, 3;5-7, -1"),
+    freeze_bottom: Optional[str] = typer.Option(None, "--freeze-bottom", help="freeze the lowest blocks, e.g. 25% or 4; train the rest"),
+    new_blocks: bool = typer.Option(False, "--new-blocks", help="train the blocks listed in MODEL/new_parameters.json (surgery expand); may be united with --layers"),
+    lora: Optional[int] = typer.Option(None, "--lora", help="train LoRA adapters of rank R on the selected blocks' linear modules"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scaling alpha (default 2 × R)"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    heal: bool = typer.Option(False, "--heal", help="recovery recipe for a pruned model: LoRA r=8, alpha 16, dropout 0.05 on all blocks, lr 2e-4, merged"),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="write a PEFT adapter folder instead of merged weights"),
+    distill_from: Optional[str] = typer.Option(None, "--distill-from", help="teacher (e.g. the unpruned model): loss = KL to its next-token distribution"),
+    temperature: float = typer.Option(2.0, "--temperature", help="distillation temperature"),
+    distill_weight: float = typer.Option(1.0, "--distill-weight", help="share of the KL term; 1 - share is the LM loss"),
+    max_length: int = typer.Option(512, "--max-length", help="truncate examples to this many tokens"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (exclusive with --epochs; default 1 epoch)"),
+    epochs: Optional[float] = typer.Option(None, "--epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 2e-4 with LoRA, 1e-4 for full weights)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="examples per process and step"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps"),
+    seed: int = typer.Option(0, "--seed"),
+    eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="held-out share of the data, e.g. 0.1 (its loss is reported)"),
+    dtype: TrainDType = typer.Option(TrainDType.float32, "--dtype", help="training dtype (the output keeps the input's dtype)"),
+    save_steps: int = typer.Option(50, "--save-steps", help="checkpoint every N steps (what --resume continues from)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint in OUT.partial/"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out; discard an interrupted run"),
+) -> None:
+    """Fine-tune chosen blocks: new blocks after `surgery expand`, the top layers, or heal a pruned model."""
+    from lm_eval_layers.training.run import TrainOptions, train as run
+    from surgery.cli import console, user_errors
+
+    with user_errors():
+        options = TrainOptions(
+            model=model, data=data, out=out, layers=layers, freeze_bottom=freeze_bottom, new_blocks=new_blocks, lora=lora,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, heal=heal, adapter_only=adapter_only, distill_from=distill_from,
+            temperature=temperature, distill_weight=distill_weight, max_length=max_length, max_steps=max_steps, epochs=epochs,
+            lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, eval_fraction=eval_fraction, dtype=dtype.value,
+            save_steps=save_steps, resume=resume, force=force,
+        )
+        log = run(options, console)
+    if log is not None:  # None: another process of a distributed run (the main one writes)
+        console.print(f"wrote {options.out}")
