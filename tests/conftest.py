@@ -27,9 +27,14 @@ _SMALL = dict(
 )
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+_EXPERTS = dict(num_experts=4, num_experts_per_tok=2)  # tiny mixtures: top-2 of 4 experts
+
+
 # One entry per family: the config of a tiny random model. Qwen2 and Gemma 2 have per-layer
 # `layer_types` (sliding vs full attention); GPT-2, GPT-NeoX and Falcon keep their blocks
-# somewhere other than `model.layers`; Bloom adds residuals inside its branches.
+# somewhere other than `model.layers`; Bloom adds residuals inside its branches; StarCoder2 has
+# biased c_proj MLPs; Mixtral, Qwen2-MoE (with a shared expert), Qwen3-MoE and OLMoE route each
+# token to 2 of 4 experts stored as fused 3-D parameters (router jitter acts only in training).
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_SMALL, **_IDS),
     "mistral": lambda: T.MistralConfig(**_SMALL, **_IDS, sliding_window=5),
@@ -46,6 +51,13 @@ CONFIGS = {
         new_decoder_architecture=False, **_IDS,
     ),
     "bloom": lambda: T.BloomConfig(vocab_size=128, hidden_size=32, n_layer=DEPTH, n_head=4, **_IDS),
+    "starcoder2": lambda: T.Starcoder2Config(**_SMALL, **_IDS, sliding_window=5),
+    "mixtral": lambda: T.MixtralConfig(**_SMALL, **_IDS, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(
+        **_SMALL, **_IDS, **_EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+    ),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**_SMALL, **_IDS, **_EXPERTS, moe_intermediate_size=16, head_dim=8),
+    "olmoe": lambda: T.OlmoeConfig(**_SMALL, **_IDS, **_EXPERTS),
 }
 ARCHS = list(CONFIGS)
 

@@ -59,6 +59,19 @@ def with_zeroed_outputs(model, blocks: list[int], which: str) -> T.PreTrainedMod
     return ref
 
 
+def buildable(model, plan: LayerPlan) -> bool:
+    """False for a plan the family refuses (averaging mixture-of-experts blocks), once the refusal
+    is checked to be a PlanError that leaves the model as it was."""
+    layout = layout_for(model)
+    if not layout.experts or all(len(slot.sources) == 1 for slot in plan.slots):
+        return True
+    blocks = layout.find_blocks(model)
+    with pytest.raises(PlanError, match="mixture-of-experts blocks"):
+        apply_plan(model, plan)
+    assert layout.find_blocks(model) is blocks
+    return False
+
+
 @pytest.mark.parametrize("drop", [[2], [0, 5], [1, 2, 3]])
 def test_drop_equals_a_model_built_without_those_blocks(arch, drop):
     model = make_model(arch)
@@ -72,7 +85,10 @@ def test_drop_equals_a_model_built_without_those_blocks(arch, drop):
 def test_zeroed_inserts_preserve_the_function(arch, insert):
     model = make_model(arch)
     base = logits(model)
-    with apply_plan(model, plan_of(insert=insert)) as variant:
+    plan = plan_of(insert=insert)
+    if not buildable(model, plan):
+        return
+    with apply_plan(model, plan) as variant:
         assert len(variant.blocks) > DEPTH
         torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=0)
 
@@ -87,6 +103,8 @@ def test_llama_pro_preset_preserves_the_function(arch):
 def test_slayer_preset_equals_base_without_its_deep_blocks(arch):
     model = make_model(arch)
     plan = plan_of(preset="slayer")
+    if not buildable(model, plan):
+        return
     expected = logits(reference_without(model, list(plan.dropped)))
     with apply_plan(model, plan):
         torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
@@ -95,8 +113,8 @@ def test_slayer_preset_equals_base_without_its_deep_blocks(arch):
 def test_plain_copy_and_avg_inserts_change_the_function(arch):
     model = make_model(arch)
     base = logits(model)
-    for insert in ("2:copy", "2:avg"):
-        with apply_plan(model, plan_of(insert=insert)):
+    for plan in filter(lambda p: buildable(model, p), (plan_of(insert="2:copy"), plan_of(insert="2:avg"))):
+        with apply_plan(model, plan):
             assert not torch.allclose(logits(model), base, atol=1e-4)
 
 
@@ -125,7 +143,10 @@ def test_greedy_generation_with_cache_equals_without(arch, kwargs):
     model = make_model(arch)
     prompt = INPUT[:1, :8]
     gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=12)
-    with apply_plan(model, plan_of(**kwargs)):
+    plan = plan_of(**kwargs)
+    if not buildable(model, plan):
+        return
+    with apply_plan(model, plan):
         cached = model.generate(prompt, use_cache=True, **gen)
         uncached = model.generate(prompt, use_cache=False, **gen)
     assert cached.shape[1] == 20
@@ -136,7 +157,10 @@ def test_variant_shares_original_weights_and_copies_are_separate_modules(arch):
     model = make_model(arch)
     layout = layout_for(model)
     original = layout.find_blocks(model)
-    with apply_plan(model, plan_of(drop="1", insert="3:copy;4:copy-zero;2:avg")) as variant:
+    plan = plan_of(drop="1", insert="3:copy;4:copy-zero;2:avg")
+    if not buildable(model, plan):
+        plan = plan_of(drop="1", insert="3:copy;4:copy-zero")
+    with apply_plan(model, plan) as variant:
         by_slot = dict(enumerate(variant.plan.slots))
         for k, block in enumerate(variant.blocks):
             slot = by_slot[k]
@@ -170,6 +194,7 @@ def test_apply_and_restore_repeatedly_restores_the_original_exactly(arch):
     modules = [id(m) for m in model.modules()]
     params = {n: (id(p), p.data_ptr(), p.clone()) for n, p in model.named_parameters()}
     plans = [plan_of(drop="2"), plan_of(preset="slayer"), plan_of(drop_attn="1", drop_mlp="0-2"), plan_of(insert="0:avg")]
+    plans = [plan for plan in plans if buildable(model, plan)]
     for _ in range(2):
         for plan in plans:
             variant = apply_plan(model, plan)
