@@ -57,7 +57,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "bloom"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "bloom", "starcoder2"])
 @pytest.mark.parametrize("command,args", CASES, ids=[" ".join(a) for _, a in CASES])
 def test_written_checkpoint_equals_the_in_memory_variant(tmp_path, arch, command, args):
     model = make_model(arch)
