@@ -4,6 +4,8 @@ or describe layers.
 
 Adding a family is one `Layout` line in `ARCHITECTURES`. A model whose `model_type` is not listed
 still works when one of the known layouts matches its module tree (most Llama-style models do).
+Mixture-of-experts blocks are dropped, copied and zeroed like dense ones (every expert's output
+projection is an output projection) but never averaged: two blocks' experts do not correspond.
 """
 
 from __future__ import annotations
@@ -44,12 +46,7 @@ class Layout:
     per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
     residual_inside: bool = False  # branches add the residual themselves: branch(x, residual)
     experts: bool = False  # the MLP is a mixture of experts: two blocks' experts do not align
-    dense_blocks: str | None = None  # config list of the blocks whose MLP is dense among MoE ones
-
-    @property
-    def out_projections(self) -> tuple[str, ...]:
-        """The tensors that write into the residual stream (zeroed by `*-zero` inserts)."""
-        return self.attn_out, *self.mlp_out
+    dense_blocks: str | None = None  # config list of blocks with a dense MLP among MoE ones (Qwen-MoE)
 
     @property
     def count_keys(self) -> tuple[str, ...]:
@@ -63,7 +60,8 @@ class Layout:
         return (*self.count_keys, "max_window_layers", *self.per_layer, *dense)
 
     def is_output(self, name: str, attn: bool = True, mlp: bool = True) -> bool:
-        """Is tensor `name` (relative to a block) part of the attention / MLP output projection?"""
+        """Does tensor `name` (relative to a block) write the attention / MLP branch into the
+        residual stream? Zeroing all such tensors of a branch silences it (`*-zero` inserts)."""
         patterns = ((self.attn_out,) if attn else ()) + (self.mlp_out if mlp else ())
         return any(_pattern(p).match(name) for p in patterns)
 

@@ -153,6 +153,14 @@ def test_greedy_generation_with_cache_equals_without(arch, kwargs):
     assert torch.equal(cached, uncached)
 
 
+def test_removed_first_attention_keeps_the_cache_length(arch):
+    """transformers reads the past length from cache layer 0, so a skipped attention records it."""
+    model = make_model(arch)
+    with apply_plan(model, plan_of(drop_attn="0")):
+        cache = model(INPUT, use_cache=True).cache
+    assert cache.get_seq_length() == INPUT.shape[1]
+
+
 def test_variant_shares_original_weights_and_copies_are_separate_modules(arch):
     model = make_model(arch)
     layout = layout_for(model)
