@@ -86,6 +86,17 @@ def test_averaging_is_one_error_line_from_the_cli_and_nothing_is_written(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_layered_refuses_averaging_before_loading_weights(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_layers.model import LayeredLM
+
+    make_model("olmoe").save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(PlanError, match="mixture-of-experts blocks"):
+        LayeredLM(pretrained=str(tmp_path / "src"), insert="2:avg", device="cpu")
+
+
 CASES = [
     ("prune", ["--drop", "1,4"]),
     ("prune", ["--keep", "0-3", "--drop-attn", "1", "--drop-mlp", "2"]),
