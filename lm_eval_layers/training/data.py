@@ -39,7 +39,7 @@ IGNORE = -100
 PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ message['role'] | capitalize }}: {{ message['content'] }}"
-    "{%- if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}\n"
+    "{%- if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}{{ '\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}Assistant:{% endif -%}"
 )

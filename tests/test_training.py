@@ -1,0 +1,403 @@
+"""`surgery train`: response-only labels, block selections, full / LoRA / distillation runs,
+GGUF input, resuming, two processes, and the output through lm-eval and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from rich.console import Console
+from safetensors import safe_open
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from conftest import DATA, REPO, TASKS
+from lm_eval_layers.errors import DataError, SelectionError, UsageError
+from lm_eval_layers.training import data as D
+from lm_eval_layers.training.distill import distill_loss_sum
+from lm_eval_layers.training.run import TrainOptions, train
+from lm_eval_layers.training.selection import select_blocks
+from surgery.cli import app
+
+SFT = DATA / "sft"
+QUIET = Console(stderr=True, quiet=True)
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and other jobs may share these cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return T.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory) -> Path:
+    """48 conversations from the shared SFT data."""
+    path = tmp_path_factory.mktemp("data") / "nq48.jsonl"
+    lines = (SFT / "nq_open.jsonl").read_text().splitlines()[:48]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def expanded(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("expanded") / "pro"
+    result = CliRunner().invoke(app, ["expand", str(tiny_llama_dir), "--preset", "llama-pro:2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run(model, data, out, **options) -> dict:
+    defaults = dict(max_steps=4, batch_size=4, max_length=64, save_steps=100)
+    return train(TrainOptions(model=str(model), data=str(data), out=Path(out), **{**defaults, **options}), QUIET)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def expected(tok, pieces: list[tuple[str, bool]], special: bool = False) -> tuple[list[int], list[int]]:
+    """Ids and labels built by hand: each piece tokenised alone, labelled when it is a response."""
+    ids: list[int] = list(tok("", add_special_tokens=True)["input_ids"]) if special else []
+    labels: list[int] = [D.IGNORE] * len(ids)
+    for text, response in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if response else [D.IGNORE] * len(piece)
+    return ids, labels
+
+
+def test_response_only_labels_equal_a_hand_built_mask_for_each_format(tok):
+    eos = tok.eos_token
+    cases = {
+        "messages": (
+            {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"},
+                          {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome"}]},
+            [(SMOL_SYSTEM + "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n", False),
+             ("Paris<|im_end|>\n", True),
+             ("<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n", False),
+             ("Rome<|im_end|>\n", True)],
+        ),
+        "prompt/completion": (
+            {"prompt": "Question: Capital of France?\nAnswer:", "completion": " Paris"},
+            [("Question: Capital of France?\nAnswer:", False), (" Paris" + eos, True)],
+        ),
+        "alpaca": (
+            {"instruction": "Compute the result.", "input": "Calculate 2 + 3", "output": "5"},
+            [(D.ALPACA_PROMPT.format(instruction="Compute the result.", input="Calculate 2 + 3"), False), ("5" + eos, True)],
+        ),
+        "text": ({"text": "The moon orbits the Earth."}, [("The moon orbits the Earth.", True)]),
+    }
+    for name, (record, pieces) in cases.items():
+        fmt = D.detect_format([record])
+        assert fmt.value == name
+        (example,) = D.tokenize([record], fmt, tok, max_length=512)
+        ids, labels = expected(tok, pieces, special=fmt in (D.RecordFormat.alpaca, D.RecordFormat.prompt_completion, D.RecordFormat.text))
+        assert example.input_ids == ids, name
+        assert example.labels == labels, name
+        assert any(label != D.IGNORE for label in labels)
+    no_input = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    (example,) = D.tokenize([no_input], D.RecordFormat.alpaca, tok, 512)
+    assert (example.input_ids, example.labels) == expected(tok, [(D.ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi."), False), ("hi" + eos, True)], special=True)
+
+
+def test_plain_template_when_the_tokenizer_has_none(tokenizer_dir):
+    tok = T.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    record = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}]}
+    (example,) = D.tokenize([record], D.RecordFormat.messages, tok, 512)
+    assert tok.chat_template == D.PLAIN_CHAT_TEMPLATE
+    assert (example.input_ids, example.labels) == expected(tok, [("User: Hi?\nAssistant:", False), (f" Hello{tok.eos_token}\n", True)])
+
+
+def test_truncation_and_bad_data_are_refused_with_one_line(tok, tmp_path):
+    record = {"prompt": "Question: " + "very " * 40 + "long?\nAnswer:", "completion": " yes"}
+    (short,) = D.tokenize([{"prompt": "Q?", "completion": " yes"}], D.RecordFormat.prompt_completion, tok, 3)
+    assert len(short.input_ids) == 3
+    with pytest.raises(DataError, match="no response token left after truncation to --max-length 16.*raise --max-length"):
+        D.tokenize([record], D.RecordFormat.prompt_completion, tok, 16)
+    with pytest.raises(DataError, match="unknown record format: record 0 has fields answer, question"):
+        D.detect_format([{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="no records"):
+        D.detect_format([])
+    with pytest.raises(DataError, match="record 1 has no 'completion' field"):
+        D.detect_format([{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    with pytest.raises(DataError, match="record 0 has no assistant turn"):
+        D.tokenize([{"messages": [{"role": "user", "content": "hi"}]}], D.RecordFormat.messages, tok, 64)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        D.detect_format(D.load_records(str(empty)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        D.load_records(str(bad))
+    with pytest.raises(DataError, match="no data file"):
+        D.load_records(str(tmp_path / "missing.jsonl"))
+    assert [D.detect_format(D.load_records(str(SFT / f))).value for f in ("nq_open.jsonl", "trivia_qa.jsonl", "arithmetic.jsonl")] == [
+        "messages", "prompt/completion", "alpaca"]
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+
+
+def test_selections_by_block_index(tmp_path):
+    assert select_blocks(8).blocks == tuple(range(8))
+    assert select_blocks(8, layers="3;5-6").blocks == (3, 5, 6)
+    assert select_blocks(8, layers="-2--1").blocks == (6, 7)
+    assert select_blocks(8, freeze_bottom="25%").blocks == tuple(range(2, 8))
+    assert select_blocks(8, freeze_bottom="3").blocks == tuple(range(3, 8))
+    (tmp_path / "new_parameters.json").write_text(json.dumps({"layers_to_transform": [2, 5]}))
+    assert select_blocks(8, new_blocks=True, model_folder=tmp_path).blocks == (2, 5)
+    assert select_blocks(8, layers="-1", new_blocks=True, model_folder=tmp_path).blocks == (2, 5, 7)  # S strategy
+    with pytest.raises(SelectionError, match="--layers and --freeze-bottom are two selections"):
+        select_blocks(8, layers="1", freeze_bottom="25%")
+    with pytest.raises(SelectionError, match="block 8 is out of range for a model with 8 blocks"):
+        select_blocks(8, layers="2,8")
+    with pytest.raises(SelectionError, match="leave at least one block"):
+        select_blocks(8, freeze_bottom="100%")
+    with pytest.raises(SelectionError, match="needs new_parameters.json"):
+        select_blocks(8, new_blocks=True, model_folder=tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------------------------
+# training runs
+
+
+def test_new_blocks_train_alone(expanded, qa_data, tmp_path):
+    """LLaMA-Pro: only the inserted blocks change; everything else keeps its exact bytes."""
+    out = tmp_path / "trained"
+    log = run(expanded, qa_data, out, new_blocks=True, max_steps=8, lr=1e-2, eval_fraction=0.25)
+    new = set(json.loads((expanded / "new_parameters.json").read_text())["layers_to_transform"])
+    before, after = tensors(expanded), tensors(out)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if block_of(name) in new:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                assert not torch.equal(tensor, after[name]), name  # zero-initialised, now trained
+        else:
+            assert same_bytes(tensor, after[name]), name
+    assert all(block_of(n) in new for n in log["trainable_names"])
+    assert log["eval_loss"] < log["eval_loss_before"]
+    curve = [e["loss"] for e in log["loss_curve"]]
+    assert sum(curve[-3:]) < sum(curve[:3])
+    assert {"train_log.json", "loss.png", "README.md", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not out.with_name(out.name + ".partial").exists()
+    assert "new blocks 3,7" in (out / "README.md").read_text()
+
+
+def test_lora_on_blocks_2_3_merged_and_as_adapter(tiny_llama_dir, qa_data, tmp_path, local_data):
+    """Merged LoRA leaves other blocks byte-identical; the adapter on the base scores like the merged folder."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    options = dict(layers="2-3", lora=4, lr=1e-2, lora_dropout=0.0)
+    log = run(tiny_llama_dir, qa_data, merged, **options)
+    run(tiny_llama_dir, qa_data, adapter, adapter_only=True, **options)
+    before, after = tensors(tiny_llama_dir), tensors(merged)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if block_of(name) in (2, 3) and name.endswith("proj.weight"):
+            assert not torch.equal(tensor, after[name]), name
+        else:
+            assert same_bytes(tensor, after[name]), name
+    assert log["lora"]["layers_to_transform"] == [2, 3] and all("lora_" in n for n in log["trainable_names"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+    def scores(model: str, args: dict) -> list:
+        result = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["arc_easy_local"], limit=4, batch_size=4,
+                                         device="cpu", task_manager=TaskManager(include_path=str(TASKS)), log_samples=True)
+        return [float(r[0][0]) for s in result["samples"]["arc_easy_local"] for r in s["resps"]]
+
+    via_adapter = scores("layered", {"pretrained": str(tiny_llama_dir), "peft": str(adapter), "dtype": "float32"})
+    via_merged = scores("hf", {"pretrained": str(merged), "dtype": "float32"})
+    plain = scores("hf", {"pretrained": str(tiny_llama_dir), "dtype": "float32"})
+    assert via_adapter == pytest.approx(via_merged, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(plain, via_merged)) > 1e-3  # training changed the answers' scores
+
+
+def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
+    """GPT-2 keeps its projections in transposed Conv1D modules; LoRA merges into them correctly."""
+    from peft import PeftModel
+
+    config = T.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    options = dict(layers="1", lora=2, lr=1e-2, lora_dropout=0.0, max_steps=3)
+    log = run(base, qa_data, merged, **options)
+    run(base, qa_data, adapter, adapter_only=True, **options)
+    assert sorted(log["lora"]["target_modules"]) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    before, after = tensors(base), tensors(merged)
+    changed = {n for n in before if not same_bytes(before[n], after[n])}
+    assert changed and all(n.startswith("h.1.") or n.startswith("transformer.h.1.") for n in changed)
+    ids = torch.tensor([tok("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        want = T.AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        peft = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+        got = peft(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts a run right after the checkpoint of step k is written, like a Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_llama_dir, qa_data, tmp_path):
+    options = dict(lora=4, lora_dropout=0.1, layers="1-4", lr=5e-3, max_steps=6, save_steps=3, seed=3)
+    whole = tmp_path / "whole"
+    run(tiny_llama_dir, qa_data, whole, **options)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama_dir, qa_data, out, callbacks=[StopAt(3)], **options)
+    assert not out.exists() and (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-3").is_dir()
+    with pytest.raises(UsageError, match="holds an interrupted run; continue it with --resume"):
+        run(tiny_llama_dir, qa_data, out, **options)
+    with pytest.raises(UsageError, match="other options than the interrupted run \\(lr\\)"):
+        run(tiny_llama_dir, qa_data, out, resume=True, **{**options, "lr": 1e-3})
+    log = run(tiny_llama_dir, qa_data, out, resume=True, **options)
+    assert log["resumed_from_step"] == 3 and log["steps"] == 6
+    a, b = tensors(whole), tensors(out)
+    # Same data order, dropout masks (RNG state) and optimizer state: equal up to float rounding.
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_distillation_from_the_unpruned_model(tiny_llama_dir, qa_data, tmp_path):
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[D.IGNORE, D.IGNORE, 3, 4, 5], [D.IGNORE, 1, 2, D.IGNORE, D.IGNORE]])
+    kl, count = distill_loss_sum(logits, logits.clone(), labels, 2.0, 1.0)
+    assert count == 5 and kl.item() == pytest.approx(0.0, abs=1e-5)
+    ce, _ = distill_loss_sum(logits, torch.randn(2, 5, 11), labels, 2.0, 0.0)
+    keep = labels[:, 1:] != D.IGNORE
+    assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep], reduction="sum").item(), rel=1e-5)
+
+    pruned = tmp_path / "pruned"
+    assert CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--drop", "4-5", "--out", str(pruned)]).exit_code == 0
+    out = tmp_path / "healed"
+    log = run(pruned, qa_data, out, distill_from=str(tiny_llama_dir), lora=4, lr=1e-2, max_steps=6, temperature=2.0)
+    assert log["method"] == "LoRA + distillation" and log["distill"]["teacher"] == str(tiny_llama_dir)
+    curve = [e["loss"] for e in log["loss_curve"]]
+    assert curve[-1] < curve[0]
+    assert T.AutoConfig.from_pretrained(out).num_hidden_layers == 4
+
+
+def test_gguf_model_trains_after_dequantising(qa_data, tmp_path):
+    """The embedded SmolLM2 (GGUF): dequantised to fp32 safetensors in the work folder, then trained."""
+    out = tmp_path / "smol"
+    log = run("smollm2", qa_data, out, layers="-1", lora=2, max_steps=2, batch_size=2, max_length=32)
+    assert log["steps"] == 2 and log["blocks"] == [29]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["dtype"] == "float32"
+    model = T.AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert not out.with_name("smol.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# processes: the CLI, torchrun, the stock lm_eval script
+
+
+def cli(*args: str, cwd: Path, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [*launcher, "-m", "surgery", "train", *args] if launcher else [str(Path(sys.executable).with_name("surgery")), "train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path):
+    unknown = tmp_path / "rows.jsonl"
+    unknown.write_text('{"question": "q", "answer": "a"}\n')
+    for args, message in (
+        ([str(tiny_llama_dir), "--data", str(unknown)], "error: unknown record format: record 0 has fields answer, question"),
+        ([str(tiny_llama_dir), "--data", str(qa_data), "--layers", "2,9"], "error: --layers: block 9 is out of range for a model with 6 blocks"),
+    ):
+        out = tmp_path / "out"
+        proc = cli(*args, "--out", str(out), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+        assert proc.stderr.strip().startswith(message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+def test_two_processes_reach_the_single_process_weights(tiny_llama_dir, qa_data, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 2 each = 1 process with batch 4: same weights."""
+    common = ["--data", str(qa_data), "--layers", "1-4", "--max-steps", "3", "--max-length", "64", "--lr", "1e-2", "--seed", "1"]
+    one = cli(str(tiny_llama_dir), *common, "--batch-size", "4", "--out", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    two = cli(str(tiny_llama_dir), *common, "--batch-size", "2", "--out", str(tmp_path / "two"), cwd=tmp_path, launcher=launcher)
+    assert two.returncode == 0, two.stderr[-3000:]
+    log_one, log_two = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("one", "two"))
+    assert (log_one["world_size"], log_two["world_size"]) == (1, 2)
+    assert log_one["tokens"] == log_two["tokens"]  # the same examples, split between the processes
+    assert two.stderr.count("surgery train →") == 1  # one summary table: only rank 0 reports and writes
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    changed = [n for n in a if not torch.equal(a[n], tensors(tiny_llama_dir)[n])]
+    assert changed
+    for name in a:  # gradients averaged over processes: equal up to the order of float sums
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_trained_folder_scores_the_same_in_stock_lm_eval_hf_and_layered(tiny_llama_dir, qa_data, tmp_path, local_data):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "trained"
+    run(tiny_llama_dir, qa_data, folder, layers="4-5", lr=1e-2)
+    results = tmp_path / "results"
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(local_data), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args", f"pretrained={folder},dtype=float32",
+         "--tasks", "arc_easy_local", "--include_path", str(TASKS), "--limit", "4", "--device", "cpu",
+         "--output_path", str(results), "--log_samples"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples,) = results.rglob("samples_arc_easy_local_*.jsonl")
+    stock = [float(r[0][0]) for line in samples.read_text().splitlines() for r in json.loads(line)["resps"]]
+    memory = lm_eval.simple_evaluate(model="layered", model_args={"pretrained": str(folder), "dtype": "float32"},
+                                     tasks=["arc_easy_local"], limit=4, batch_size=4, device="cpu",
+                                     task_manager=TaskManager(include_path=str(TASKS)), log_samples=True)
+    layered = [float(r[0][0]) for s in memory["samples"]["arc_easy_local"] for r in s["resps"]]
+    assert layered == pytest.approx(stock, abs=1e-4)
