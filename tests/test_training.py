@@ -326,7 +326,7 @@ def test_distillation_from_the_unpruned_model(tiny_llama_dir, qa_data, tmp_path)
 def test_gguf_model_trains_after_dequantising(qa_data, tmp_path):
     """The embedded SmolLM2 (GGUF): dequantised to fp32 safetensors in the work folder, then trained."""
     out = tmp_path / "smol"
-    log = run("smollm2", qa_data, out, layers="-1", lora=2, max_steps=2, batch_size=2, max_length=32)
+    log = run("smollm2", qa_data, out, layers="-1", lora=2, max_steps=2, batch_size=2, max_length=64)
     assert log["steps"] == 2 and log["blocks"] == [29]
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["dtype"] == "float32"
