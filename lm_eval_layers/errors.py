@@ -30,7 +30,7 @@ class TaskError(LayersError):
 
 
 class DataError(LayersError):
-    """Training data that cannot be read or turned into labelled examples."""
+    """Evaluation or training data that cannot be read or turned into examples."""
 
 
 class SelectionError(LayersError):

@@ -1,4 +1,4 @@
-"""Fast repeated evaluation of many variants of one loaded model on the same requests.
+"""Prepared requests for many variants of one loaded model (the engine behind `evaluate.py`).
 
 lm-eval builds the documents and requests once and they are tokenised once, exactly as the
 `hf` model tokenises them, then batched by shared context (`loglikelihood.py`: each context
@@ -6,7 +6,6 @@ computed once, logits only at continuation positions, little padding). Each vari
 only what it needs: the full model's hidden states at block boundaries are cached (within a
 memory budget), so a variant starts at its first slot that differs from the full model, e.g.
 leaving out block k computes only the blocks after k.
-Results go through each task's own `process_results`, so metrics are lm-eval's.
 Supports `loglikelihood` and `multiple_choice` tasks (not `loglikelihood_rolling` or generation).
 """
 
@@ -16,10 +15,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
-from lm_eval.tasks import TaskManager
-
 from lm_eval_layers.arch import layout_for
-from lm_eval_layers.importance.value import by_metric, example_scores
 from lm_eval_layers.loglikelihood import Around, Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.variant import apply_plan
@@ -27,16 +23,17 @@ from lm_eval_layers.variant import apply_plan
 SUPPORTED = ("loglikelihood", "multiple_choice")
 
 
-class UnsupportedTask(ValueError):
-    """A task the fast path cannot score (rolling log-likelihood or generation)."""
+class UnsupportedTask(Exception):
+    """A task prepared requests cannot score (rolling log-likelihood or generation); the
+    evaluator then runs lm-eval's own loop."""
 
 
 class PreparedTasks:
     """The requests of a task set, built by lm-eval once and tokenised like `hf` does."""
 
-    def __init__(self, lm: Any, tasks: list[str], task_manager: TaskManager, limit: int | None,
-                 batch_size: int = 64, max_batch_tokens: int = 8192) -> None:
-        self.tasks: dict[str, Any] = task_manager.load(tasks)["tasks"]  # leaf tasks, groups flattened
+    def __init__(self, lm: Any, tasks: dict[str, Any], limit: int | None, batch_size: int = 64,
+                 max_batch_tokens: int = 8192) -> None:
+        self.tasks = tasks  # leaf task objects by name
         self.docs: dict[str, dict[int, dict]] = {}
         self.requests: list[Request] = []
         self.keys: list[tuple[str, int, int]] = []  # (task, doc_id, choice index) of each request
@@ -114,35 +111,12 @@ class FastEvaluator:
         with apply_plan(self.model, rest):
             return self._run(resume if prefix else None)
 
-    def evaluate(self, plan: LayerPlan) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
-        """lm-eval's metrics per task (means) and every example's scores, for one variant."""
-        results = self.loglikelihoods(plan)
+    def responses(self, plan: LayerPlan) -> dict[tuple[str, int], list[tuple[float, bool]]]:
+        """Each document's (log-likelihood, is_greedy) answers, in choice order, by (task, doc_id)."""
         by_doc: dict[tuple[str, int], list[tuple[int, tuple[float, bool]]]] = {}
-        for (task, doc_id, idx), res in zip(self.prepared.keys, results):
+        for (task, doc_id, idx), res in zip(self.prepared.keys, self.loglikelihoods(plan)):
             by_doc.setdefault((task, doc_id), []).append((idx, res))
-        metrics: dict[str, dict[str, float]] = {}
-        examples: dict[str, dict[str, list[float]]] = {}
-        for name, task in self.prepared.tasks.items():
-            rows = []
-            for doc_id in sorted(self.prepared.docs[name]):
-                doc = self.prepared.docs[name][doc_id]
-                resps = [res for _, res in sorted(by_doc[(name, doc_id)])]
-                scores = {k: float(v) for k, v in task.process_results(doc, resps).items() if isinstance(v, (int, float, bool))}
-                rows.append({**scores, **example_scores({**scores, "filtered_resps": resps}, _gold(task, doc))})
-            examples[name] = by_metric(rows)
-            metrics[name] = {k: sum(v) / len(v) for k, v in examples[name].items()}
-        return metrics, examples
-
-
-def _gold(task: Any, doc: dict) -> int | None:
-    """The index of the right answer, as lm-eval's multiple_choice scoring finds it."""
-    if task.OUTPUT_TYPE != "multiple_choice":
-        return None
-    target = task.doc_to_target(doc)
-    if isinstance(target, str):
-        choices = task.doc_to_choice(doc)
-        target = choices.index(target) if target in choices else int(target) if target.isdigit() else None
-    return target if isinstance(target, int) else None
+        return {k: [res for _, res in sorted(v)] for k, v in by_doc.items()}
 
 
 @contextlib.contextmanager

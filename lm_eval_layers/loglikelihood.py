@@ -8,7 +8,7 @@ lengths share a batch right-padded, with the padding masked and explicit positio
 token sees exactly what it sees alone. Where a sliding window could cut a padded row
 differently from the unpadded one, only contexts of equal length are batched together.
 
-Used by `LayeredLM` (lm-eval's loglikelihood requests) and by `FastEvaluator` (many variants).
+Used by `LayeredLM` (lm-eval's loglikelihood requests) and by the evaluator's prepared requests (`fast.py`, many variants).
 """
 
 from __future__ import annotations

@@ -18,11 +18,13 @@ from tqdm import tqdm
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_layers.arch import num_layers
+from lm_eval_layers.arch import check_plan, num_layers
 from lm_eval_layers.default_model import resolve_alias
+from lm_eval_layers.errors import UsageError
 from lm_eval_layers.identity import digest, model_identity
 from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
+from lm_eval_layers.scores_file import load_scores
 from lm_eval_layers.variant import Variant, apply_plan, clone_model
 
 
@@ -41,7 +43,13 @@ def _load_config(pretrained: str, kwargs: dict[str, Any]) -> Any:
         for key in ("revision", "subfolder", "gguf_file", "trust_remote_code")
         if kwargs.get(key) is not None
     }
-    return transformers.AutoConfig.from_pretrained(pretrained, **options)
+    try:
+        return transformers.AutoConfig.from_pretrained(pretrained, **options)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"cannot load a model config from {pretrained!r} ({str(e).splitlines()[0][:200]}); give a folder with "
+            "config.json, a .gguf file, a hub id or smollm2"
+        ) from None
 
 
 @register_model("layered")
@@ -50,7 +58,7 @@ class LayeredLM(HFLM):
 
     def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool = True, **kwargs: Any) -> None:
         self.fast = fast if isinstance(fast, bool) else str(fast).lower() in ("1", "true", "yes")
-        spec = PlanSpec.from_args(**plan_args(kwargs))
+        spec = PlanSpec.from_args(**load_scores(plan_args(kwargs)))
         pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
@@ -62,6 +70,7 @@ class LayeredLM(HFLM):
         else:
             config = _load_config(pretrained, kwargs)
             plan = spec.resolve(num_layers(config), config.model_type)
+            check_plan(plan, config)  # e.g. averaged mixture-of-experts blocks: refused before loading
         self._settings = _settings(pretrained, kwargs, self.fast)
         self._cache_db: Any = None  # lm-eval's response cache, once `set_cache_hook` hands it over
         super().__init__(pretrained=pretrained, **kwargs)

@@ -10,12 +10,12 @@ inclusive and negative indices count from the end.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from lm_eval_layers.errors import PlanError
+from lm_eval_layers.scores_file import Scores
 
 INITS = ("copy", "avg", "copy-zero", "avg-zero")
 _SEPARATORS = re.compile(r"[,;\s]+")
@@ -331,25 +331,19 @@ class PlanSpec:
         return [], [((j + 1) * n // k - 1, "copy-zero") for j in range(k)]
 
 
-def _lowest_units(scores: Any, k: Any) -> tuple[str, int, str | None, tuple[int, ...]] | None:
-    """The K lowest-valued units of a `surgery score` file, as (unit, depth, unit indices)."""
+def _lowest_units(scores: Scores | None, k: Any) -> tuple[str, int, str | None, tuple[int, ...]] | None:
+    """The K lowest-valued units of a scored model, as (unit, depth, model_type, unit indices)."""
     if scores is None and k is None:
         return None
     if scores is None or k is None:
         raise PlanError("scores and drop_lowest go together: scores=PATH,drop_lowest=K")
     if isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 1:
         raise PlanError(f"drop_lowest={k!r} must be a positive whole number of units")
-    try:
-        data = json.loads(open(str(scores), encoding="utf-8").read())
-        unit, depth, units = data["unit"], int(data["num_layers"]), data["units"]
-    except FileNotFoundError:
-        raise PlanError(f"scores file {scores} does not exist; run `surgery score MODEL --out {scores}` first") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise PlanError(f"{scores} is not a scores file of `surgery score` (needs unit, num_layers, units)") from None
-    if int(k) >= len(units):
-        raise PlanError(f"drop_lowest={int(k)} would remove all {len(units)} {unit} units; drop fewer")
-    lowest = sorted(units, key=lambda u: (u["value"], u["index"]))[: int(k)]
-    return unit, depth, data.get("model_type"), tuple(sorted(u["index"] for u in lowest))
+    if not isinstance(scores, Scores):
+        raise TypeError("scores must be a Scores object: read the file with lm_eval_layers.scores_file.read_scores")
+    if int(k) >= len(scores.values):
+        raise PlanError(f"drop_lowest={int(k)} would remove all {len(scores.values)} {scores.unit} units; drop fewer")
+    return scores.unit, scores.num_layers, scores.model_type, scores.lowest(int(k))
 
 
 def _resolve_index(name: str, i: int, n: int) -> int:

@@ -1,11 +1,15 @@
-"""The `surgery` command: inspect checkpoints, write pruned or expanded ones.
+"""The `surgery` command: inspect checkpoints, write pruned or expanded ones, score layers,
+train chosen layers.
 
     surgery inspect MODEL [--json]
     surgery prune  MODEL --drop SPEC | --keep SPEC [--drop-attn SPEC] [--drop-mlp SPEC] --out DIR
     surgery expand MODEL --insert SPEC | --preset slayer | --preset llama-pro:K [--drop SPEC] --out DIR
+    surgery score  MODEL --method shapley|exact|ablation|window|angular|bi ...   (surgery/score.py)
+    surgery train  MODEL --data DATA --out DIR ...                              (surgery/train.py)
 
 Plans use the `layered` plugin's syntax and the same parser, so a written checkpoint is exactly
-the variant `lm_eval --model layered` evaluates. User mistakes print one line and exit with 2.
+the variant `lm_eval --model layered` evaluates. User mistakes print one line and exit with 2
+(`surgery/options.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from surgery.checkpoint import (
     write_weights,
 )
 from surgery.options import DType, ModelArg, console, user_errors
+from surgery.score import score
 from surgery.sources import Source, open_model, source_layout
+from surgery.train import train
 from surgery.verify import verify as verify_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -116,50 +122,8 @@ def expand(
         _write("expand", model, spec, out, dtype, max_shard_size, force, verify)
 
 
-@app.command()
-def score(
-    model: str = ModelArg,
-    method: str = typer.Option("shapley", "--method", help="shapley | exact | ablation | window | angular | bi"),
-    unit: str = typer.Option("block", "--unit", help="block | attn | mlp (attn/mlp: both halves of every block)"),
-    tasks: str = typer.Option("arc_easy_local", "--tasks", help="comma-separated lm-eval tasks"),
-    include_path: Optional[Path] = typer.Option(None, "--include-path", help="folder of extra task YAMLs, e.g. tasks"),
-    limit: Optional[int] = typer.Option(100, "--limit", help="documents per task"),
-    metric: str = typer.Option("acc", "--metric", help="acc | acc_norm | loglik | margin"),
-    budget: int = typer.Option(400, "--budget", help="coalition evaluations for --method shapley"),
-    estimator: str = typer.Option("regression", "--estimator", help="regression | permutation"),
-    seed: int = typer.Option(0, "--seed"),
-    level: int = typer.Option(3, "--level", help="window length for --method window (seed 1 used 3)"),
-    position: str = typer.Option("last", "--position", help="angular distance at the last token or all tokens"),
-    out: Path = typer.Option(Path("scores.json"), "--out", help="scores JSON (evaluations go to the same name .sqlite)"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG bar chart with error bars"),
-    resume: bool = typer.Option(False, "--resume", help="reuse the evaluations stored next to --out"),
-    force: bool = typer.Option(False, "--force", help="allow --method exact above 16 units"),
-    dtype: DType = typer.Option(DType.float32, "--dtype"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="text file for angular / bi"),
-) -> None:
-    """Layer importance: Shapley values with confidence intervals, ablation, angular distance, block influence."""
-    from surgery.score import ScoreOptions, run, table
-
-    with user_errors():
-        options = ScoreOptions(
-            model=model, method=method, unit=unit, tasks=tuple(t for t in tasks.split(",") if t),
-            include_path=include_path, limit=limit, metric=metric, budget=budget, estimator=estimator, seed=seed,
-            level=level, position=position, out=out, plot=plot, resume=resume, force=force, dtype=dtype.value,
-            batch_size=batch_size, calibration=calibration,
-        )
-        result = run(options, console)
-    if result is None:  # another process of a distributed run: rank 0 reports
-        return
-    Console().print(table(result))
-    eff = result["efficiency"]
-    console.print(f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
-                  f"{result['evaluations']} coalitions; written {out}" + (f" and {plot}" if plot else ""))
-
-
-from surgery.train import train as _train  # noqa: E402  (options and logic live in surgery/train.py)
-
-app.command(name="train")(_train)
+app.command()(score)
+app.command()(train)
 
 
 @app.command()

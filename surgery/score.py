@@ -1,164 +1,189 @@
-"""`surgery score`: which layers matter. Loads the model once, evaluates coalitions as in-memory
-variants on real lm-eval tasks (stored in SQLite next to --out), and writes scores.json, a table
-and a PNG bar chart."""
+"""`surgery score`: which layers matter. Parses the options, loads the model once, scores the
+units with the library (`lm_eval_layers.importance`, `lm_eval_layers.similarity`) and reports:
+a table, scores.json and an optional PNG bar chart.
+
+Under `torchrun` / `accelerate launch` every process evaluates its share of the coalitions and
+rank 0 stores them and reports (`lm_eval_layers.distributed`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from lm_eval_layers.data import ENV
-from lm_eval_layers.importance.estimators import Estimate
-from lm_eval_layers.importance.scoring import METHODS, check_exact, chance_level, report, score_units
-from lm_eval_layers.importance.value import METRICS, UNITS, Store, TaskGame, by_metric, example_scores, num_players
 from lm_eval_layers.errors import UsageError
+from lm_eval_layers.importance.scoring import Estimator, Method
+from lm_eval_layers.importance.task_game import Metric, Unit
+from lm_eval_layers.similarity import Position
+from surgery.options import DType, ModelArg, console, user_errors
 
 
-@dataclass
-class ScoreOptions:
-    """The options of `surgery score`; their defaults and help live on the command (cli.py)."""
+def score(
+    model: str = ModelArg,
+    method: Method = typer.Option(Method.shapley, "--method", help="how units are scored"),
+    unit: Unit = typer.Option(Unit.block, "--unit", help="whole blocks, or both halves of every block (attn/mlp)"),
+    tasks: str = typer.Option("arc_easy_local", "--tasks", help="comma-separated lm-eval tasks (the shipped *_local tasks are always found)"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="a folder of extra task YAMLs"),
+    limit: Optional[int] = typer.Option(100, "--limit", help="documents per task"),
+    metric: Metric = typer.Option(Metric.acc, "--metric", help="per-example metric the game averages"),
+    budget: int = typer.Option(400, "--budget", help="coalition evaluations for --method shapley"),
+    estimator: Estimator = typer.Option(Estimator.regression, "--estimator", help="Shapley estimator"),
+    seed: int = typer.Option(0, "--seed"),
+    level: int = typer.Option(3, "--level", help="window length for --method window"),
+    position: Position = typer.Option(Position.last, "--position", help="angular distance at the last token or all tokens"),
+    out: Path = typer.Option(Path("scores.json"), "--out", help="scores JSON (evaluations go to the same name .sqlite)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG bar chart with error bars"),
+    resume: bool = typer.Option(False, "--resume", help="reuse the evaluations stored next to --out"),
+    force: bool = typer.Option(False, "--force", help="allow --method exact above 16 units"),
+    dtype: DType = typer.Option(DType.float32, "--dtype"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="text file for angular / bi"),
+) -> None:
+    """Layer importance: Shapley values with confidence intervals, ablation, angular distance, block influence."""
+    from lm_eval_layers import distributed
 
-    model: str
-    method: str
-    unit: str
-    tasks: tuple[str, ...]
-    include_path: Path | None
-    limit: int | None
-    metric: str
-    budget: int
-    estimator: str
-    seed: int
-    level: int
-    position: str
-    out: Path
-    plot: Path | None
-    resume: bool
-    force: bool
-    dtype: str
-    batch_size: int
-    calibration: Path | None
+    names = [t for t in tasks.split(",") if t]
+    with user_errors():
+        _check_options(method, unit, budget, level)
+        if method.is_similarity:
+            text = _calibration_text(calibration)
+        else:
+            manager = _task_manager(include_path, names)
+        rank, world = distributed.setup()
+        try:
+            if rank == 0:
+                _check_store(method, out, resume)
+            lm = _load(model, dtype.value, batch_size)
+            if method.is_similarity:
+                result = _by_similarity(lm, model, method, position, text) if rank == 0 else None
+            else:
+                result = _by_game(lm, model, dtype.value, method, unit, names, manager, limit, metric, budget,
+                                  estimator, seed, level, force, out, rank, world)
+        finally:
+            distributed.finish(world)
+        if result is None:  # another process of a distributed run: rank 0 reports
+            return
+        _write_json(result, out)
+        if plot:
+            draw(result, plot)
+    Console().print(table(result))
+    eff = result["efficiency"]
+    console.print(f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
+                  f"{result['evaluations']} coalitions; written {out}" + (f" and {plot}" if plot else ""))
 
 
-def validate(o: ScoreOptions) -> None:
-    """Every option checked before the model loads."""
-    checks = [
-        (o.method in METHODS, f"--method {o.method!r} is unknown; use one of {', '.join(METHODS)}"),
-        (o.unit in UNITS, f"--unit {o.unit!r} is unknown; use block, attn or mlp"),
-        (o.metric in METRICS, f"--metric {o.metric!r} is unknown; use one of {', '.join(METRICS)}"),
-        (o.estimator in ("regression", "permutation"), f"--estimator {o.estimator!r} is unknown; use regression or permutation"),
-        (o.position in ("last", "all"), f"--position {o.position!r} is unknown; use last or all"),
-        (o.budget >= 4, "--budget must be at least 4 evaluations"),
-        (o.level >= 1, "--level must be at least 1"),
-        (o.method not in ("angular", "bi") or o.unit == "block", f"--method {o.method} scores blocks; use --unit block"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    store = o.out.with_suffix(".sqlite")
-    if o.method not in ("angular", "bi") and store.exists() and not o.resume:
+def _check_options(method: Method, unit: Unit, budget: int, level: int) -> None:
+    """What can be refused before anything loads."""
+    if budget < 4:
+        raise UsageError("--budget must be at least 4 evaluations")
+    if level < 1:
+        raise UsageError("--level must be at least 1")
+    if method.is_similarity and unit != Unit.block:
+        raise UsageError(f"--method {method.value} scores blocks; use --unit block")
+
+
+def _check_store(method: Method, out: Path, resume: bool) -> None:
+    store = out.with_suffix(".sqlite")
+    if not method.is_similarity and store.exists() and not resume:
         raise UsageError(f"{store} already holds evaluations; pass --resume to reuse them, or choose another --out")
 
 
-def run(o: ScoreOptions, console: Console) -> dict | None:
-    """Score the units. Under `torchrun` / `accelerate launch` every process evaluates its share
-    of the coalitions; rank 0 stores them, writes the results and returns them (others: None)."""
-    from lm_eval.tasks import TaskManager
+def _task_manager(include_path: Path | None, names: list[str]) -> Any:
+    from lm_eval_layers.task_suite import check_task_names, task_manager
 
-    from lm_eval_layers.arch import num_layers
-    from lm_eval_layers.importance import distributed
-    from lm_eval_layers.importance.games import from_key
-    from lm_eval_layers.importance.scoring import planned_coalitions
+    manager = task_manager(include_path)
+    check_task_names(manager, names)
+    return manager
+
+
+def _load(model: str, dtype: str, batch_size: int) -> Any:
+    from lm_eval_layers import distributed
     from lm_eval_layers.model import LayeredLM
 
-    validate(o)
-    rank, world = distributed.setup()
-    with console.status(f"loading {o.model}…"):
-        lm = LayeredLM(pretrained=o.model, dtype=o.dtype, device=distributed.device(), batch_size=o.batch_size)
+    with console.status(f"loading {model}…"):
+        lm = LayeredLM(pretrained=model, dtype=dtype, device=distributed.device(), batch_size=batch_size)
     lm._rank, lm._world_size = 0, 1  # every process is a whole replica: lm-eval must not shard requests
-    depth = num_layers(lm.model.config)
-    model_type = lm.model.config.model_type
-    n = num_players(o.unit, depth)
-    if o.method == "exact":
-        try:
-            check_exact(n, o.force)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    common = dict(model=o.model, model_type=model_type, num_layers=depth, unit=o.unit, method=o.method, seed=o.seed)
-    if o.method in ("angular", "bi"):
-        if rank != 0:
-            return None
-        from lm_eval_layers.importance.similarity import block_similarity, calibration_batches
-
-        text = _calibration_text(o.calibration)
-        sims = block_similarity(lm.model, calibration_batches(lm.tokenizer, text), o.position)
-        values = np.array(sims[o.method])
-        est = Estimate(o.method, values, np.zeros(n), 0, float("nan"), float("nan"))
-        result = report(est, None, estimator=None, metric=None, tasks=[], limit=None, budget=None, chance=None,
-                        extra={"position": o.position}, **common)
-    else:
-        manager = TaskManager(include_path=str(o.include_path) if o.include_path else None)
-        tasks = list(o.tasks)
-        evaluate = _evaluator(lm, tasks, manager, o.limit, console)
-        context = {"model": o.model, "dtype": o.dtype, "tasks": sorted(tasks), "limit": o.limit, "unit": o.unit}
-        store = None
-        if rank == 0:
-            o.out.parent.mkdir(parents=True, exist_ok=True)
-            store = Store(o.out.with_suffix(".sqlite"), context)
-        game = TaskGame(evaluate, depth, o.unit, o.metric, store)  # type: ignore[arg-type]
-        planned = planned_coalitions(n, o.method, o.budget, o.estimator, o.seed, o.level)
-        todo = distributed.broadcast(
-            [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
-        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True, disable=rank != 0) as progress:
-            what = f"evaluating coalitions ({len(planned) - len(todo)} stored" + (f", {world} processes)" if world > 1 else ")")
-            bar = progress.add_task(what, total=len(todo))
-            per_process = distributed.evaluate_shared(
-                todo, lambda k: game.compute(from_key(k, n)), lambda k, scores: game.commit(from_key(k, n), scores),
-                rank, world, on_round=lambda count: progress.advance(bar, count))
-        distributed.finish(world)
-        if rank != 0:
-            return None
-        est, used, sample_se = score_units(game, o.method, o.budget, o.estimator, o.seed, o.level, o.force)
-        result = report(est, sample_se, estimator=o.estimator if o.method == "shapley" else None, metric=o.metric,
-                        tasks=tasks, limit=o.limit, budget=o.budget if o.method == "shapley" else None,
-                        chance=chance_level(game),
-                        extra={"new_evaluations": sum(per_process), "reused": len(planned) - len(todo),
-                               "evaluations_per_process": per_process},
-                        **common)
-    tmp = o.out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(o.out)
-    if o.plot:
-        plot(result, o.plot)
-    return result
+    return lm
 
 
-def _evaluator(lm, tasks: list[str], manager, limit: int | None, console: Console):
-    """Per-example scores of a variant: the fast path (prepared requests, prefix reuse) for
-    log-likelihood tasks, else lm-eval's own loop."""
-    from lm_eval_layers.evaluate import evaluate_plans
-    from lm_eval_layers.fast import FastEvaluator, PreparedTasks, UnsupportedTask
+def _common(lm: Any, model: str, unit: Unit, method: Method, seed: int) -> dict[str, Any]:
+    from lm_eval_layers.arch import num_layers
 
-    try:
-        with console.status("preparing requests and caching the full model's hidden states…"):
-            fast = FastEvaluator(lm, PreparedTasks(lm, tasks, manager, limit))
-        return lambda plan: fast.evaluate(plan)[1]
-    except UnsupportedTask as e:
-        console.print(f"slow path: {e}")
+    return dict(model=model, model_type=lm.model.config.model_type, num_layers=num_layers(lm.model.config),
+                unit=unit.value, method=method.value, seed=seed)
 
-    def slow(plan):
-        samples = evaluate_plans(lm, [("coalition", plan)], tasks, manager, limit=limit, log_samples=True)[0].samples
-        return {task: by_metric([example_scores(s) for s in sorted(rows, key=lambda s: s["doc_id"])])
-                for task, rows in samples.items()}
 
-    return slow
+def _by_similarity(lm: Any, model: str, method: Method, position: Position, text: str) -> dict[str, Any]:
+    from lm_eval_layers.importance.estimators import Estimate
+    from lm_eval_layers.importance.scoring import report
+    from lm_eval_layers.similarity import block_similarity, calibration_batches
+
+    with console.status(f"{method.value} on calibration text…"):
+        sims = block_similarity(lm.model, calibration_batches(lm.tokenizer, text), position.value)
+    values = np.array(sims[method.value])
+    est = Estimate(method.value, values, np.zeros(len(values)), 0, float("nan"), float("nan"))
+    return report(est, None, estimator=None, metric=None, tasks=[], limit=None, budget=None, chance=None,
+                  extra={"position": position.value}, **_common(lm, model, Unit.block, method, 0))
+
+
+def _by_game(lm: Any, model: str, dtype: str, method: Method, unit: Unit, tasks: list[str], manager: Any,
+             limit: int | None, metric: Metric, budget: int, estimator: Estimator, seed: int, level: int,
+             force: bool, out: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """Evaluate the method's coalitions (split across processes), then estimate on rank 0."""
+    from lm_eval_layers import distributed
+    from lm_eval_layers.default_model import resolve_alias
+    from lm_eval_layers.evaluate import Evaluator
+    from lm_eval_layers.identity import model_identity
+    from lm_eval_layers.importance.games import from_key
+    from lm_eval_layers.importance.scoring import chance_level, check_exact, planned_coalitions, report, score_units
+    from lm_eval_layers.importance.store import Store
+    from lm_eval_layers.importance.task_game import TaskGame, num_players
+
+    common = _common(lm, model, unit, method, seed)
+    n = num_players(unit, common["num_layers"])
+    if method == Method.exact:
+        check_exact(n, force)
+    with console.status("preparing requests and caching the full model's hidden states…"):
+        evaluator = Evaluator(lm, tasks, manager, limit)
+    if evaluator.fallback and rank == 0:
+        console.print(f"lm-eval's own loop for every variant: {evaluator.fallback}")
+    store = None
+    if rank == 0:
+        path, gguf = resolve_alias(model, None)
+        context = {"model": model_identity(str(path), gguf_file=gguf), "dtype": dtype, "tasks": sorted(tasks),
+                   "limit": limit, "unit": unit.value}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(out.with_suffix(".sqlite"), context)
+    game = TaskGame(lambda plan: evaluator.evaluate(plan).examples, common["num_layers"], unit.value, metric.value,
+                    store)  # type: ignore[arg-type]
+    planned = planned_coalitions(n, method.value, budget, estimator.value, seed, level)
+    todo = distributed.broadcast(
+        [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=rank != 0) as progress:
+        what = f"evaluating coalitions ({len(planned) - len(todo)} stored" + (f", {world} processes)" if world > 1 else ")")
+        bar = progress.add_task(what, total=len(todo))
+        per_process = distributed.evaluate_shared(
+            todo, lambda k: game.compute(from_key(k, n)), lambda k, scores: game.commit(from_key(k, n), scores),
+            rank, world, on_round=lambda count: progress.advance(bar, count))
+    if rank != 0:
+        return None
+    est, _, sample_se = score_units(game, method.value, budget, estimator.value, seed, level, force)
+    shapley = method == Method.shapley
+    return report(est, sample_se, estimator=estimator.value if shapley else None, metric=metric.value, tasks=tasks,
+                  limit=limit, budget=budget if shapley else None, chance=chance_level(game),
+                  extra={"new_evaluations": sum(per_process), "reused": len(planned) - len(todo),
+                         "evaluations_per_process": per_process},
+                  **common)
 
 
 def _calibration_text(path: Path | None) -> str:
@@ -173,7 +198,14 @@ def _calibration_text(path: Path | None) -> str:
     return raw.read_text(encoding="utf-8")
 
 
-def table(result: dict) -> Table:
+def _write_json(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def table(result: dict[str, Any]) -> Table:
     t = Table(title=f"{result['method']} ({result.get('estimator') or '-'}) of {result['model']}, metric {result.get('metric')}")
     for col in ("rank", "unit", "value", "± coalitions", "± examples"):
         t.add_column(col, justify="right")
@@ -183,7 +215,8 @@ def table(result: dict) -> Table:
     return t
 
 
-def plot(result: dict, path: Path) -> None:
+def draw(result: dict[str, Any], path: Path) -> None:
+    """Bar chart of the values with 95% error bars (coalition sampling and examples combined)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +225,6 @@ def plot(result: dict, path: Path) -> None:
     units = result["units"]
     x = np.arange(len(units))
     values = np.array([u["value"] for u in units])
-    # 95% error bars from both sources of error: coalition sampling and benchmark examples
     err = 1.96 * np.hypot([u["stderr"] for u in units], [u.get("sample_stderr", 0.0) for u in units])
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(units)), 3.6), dpi=120)
     ax.bar(x, values, yerr=err, capsize=2, color="#4477aa")

@@ -12,8 +12,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from conftest import DATA, TASKS, make_model
-from lm_eval_layers.evaluate import evaluate_plans
-from lm_eval_layers.fast import FastEvaluator, PreparedTasks, UnsupportedTask
+from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.loglikelihood import Request, make_batches
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
@@ -34,42 +33,61 @@ def fast(setup):
     lm, manager = setup
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LM_EVAL_LAYERS_DATA", str(DATA))
-        yield FastEvaluator(lm, PreparedTasks(lm, SUITE, manager, limit=4))
+        yield Evaluator(lm, SUITE, manager, limit=4)
+
+
+@pytest.fixture(scope="module")
+def slow(setup):
+    """lm-eval's own loop per variant: the reference."""
+    lm, manager = setup
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LM_EVAL_LAYERS_DATA", str(DATA))
+        yield Evaluator(lm, SUITE, manager, limit=4, prepared=False)
 
 
 @pytest.mark.parametrize("kwargs", PLANS, ids=[str(p) for p in PLANS])
-def test_fast_path_matches_lm_eval(setup, fast, kwargs, local_data):
-    lm, manager = setup
+def test_fast_path_matches_lm_eval(fast, slow, kwargs, local_data):
     plan = PlanSpec.from_args(**kwargs).resolve(6)
-    metrics, examples = fast.evaluate(plan)
-    slow = evaluate_plans(lm, [("x", plan)], SUITE, manager, limit=4, log_samples=True)[0]
-    fast_ll = {key: ll for key, (ll, _) in zip(fast.prepared.keys, fast.loglikelihoods(plan))}
+    assert fast.engine is not None and fast.fallback is None
+    result = fast.evaluate(plan)
+    metrics, examples = result.metrics, result.examples
+    reference = slow.evaluate(plan, log_samples=True)
+    fast_ll = {key: ll for key, (ll, _) in zip(fast.engine.prepared.keys, fast.engine.loglikelihoods(plan))}
     for task in SUITE:
-        samples = sorted(slow.samples[task], key=lambda s: s["doc_id"])
+        samples = sorted(reference.samples[task], key=lambda s: s["doc_id"])
         for s in samples:
             for idx, resp in enumerate(s["filtered_resps"]):
                 assert fast_ll[(task, s["doc_id"], idx)] == pytest.approx(float(resp[0]), abs=1e-4)
         for metric in ("acc", "acc_norm"):
             if metric in samples[0]:
                 assert examples[task][metric] == [s[metric] for s in samples], (task, metric)
-                assert metrics[task][metric] == pytest.approx(slow.metrics[task][f"{metric},none"])
+        assert examples[task].keys() == reference.examples[task].keys()  # one set of columns
+        for column, values in examples[task].items():
+            assert values == pytest.approx(reference.examples[task][column], abs=1e-4), (task, column)
+        assert metrics[task].keys() == reference.metrics[task].keys()  # lm-eval's names, e.g. lambada's perplexity
+        for metric, value in metrics[task].items():
+            assert value == pytest.approx(reference.metrics[task][metric], rel=1e-4), (task, metric)
 
 
 def test_prefix_reuse_runs_only_the_blocks_after_the_first_change(fast):
-    fast.evaluate(PlanSpec.from_args(drop=4).resolve(6))
-    assert fast.blocks_run == 1  # block 5 only: blocks 0-3 come from the cached boundary
-    fast.evaluate(PlanSpec.from_args(drop=0).resolve(6))
-    assert fast.blocks_run == 5
-    fast.evaluate(PlanSpec.from_args(insert="3:copy").resolve(6))
-    assert fast.blocks_run == 3  # copy(3), 4, 5
-    fast.evaluate(PlanSpec().resolve(6))
-    assert fast.blocks_run == 0  # the full model's results are kept
+    fast.evaluate(PlanSpec.from_args(drop=4))
+    assert fast.engine.blocks_run == 1  # block 5 only: blocks 0-3 come from the cached boundary
+    fast.evaluate(PlanSpec.from_args(drop=0))
+    assert fast.engine.blocks_run == 5
+    fast.evaluate(PlanSpec.from_args(insert="3:copy"))
+    assert fast.engine.blocks_run == 3  # copy(3), 4, 5
+    fast.evaluate(PlanSpec())
+    assert fast.engine.blocks_run == 0  # the full model's results are kept
 
 
-def test_rolling_tasks_are_refused_clearly(setup, local_data):
+def test_rolling_tasks_fall_back_to_lm_eval_and_say_why(setup, local_data):
     lm, manager = setup
-    with pytest.raises(UnsupportedTask, match="wikitext_local is loglikelihood_rolling"):
-        PreparedTasks(lm, ["wikitext_local"], manager, limit=1)
+    evaluator = Evaluator(lm, ["wikitext_local"], manager, limit=1)
+    assert evaluator.engine is None and "wikitext_local is loglikelihood_rolling" in evaluator.fallback
+    result = evaluator.evaluate(PlanSpec.from_args(drop=1))
+    assert result.metrics["wikitext_local"]["word_perplexity"] > 1
+    assert len(result.examples["wikitext_local"]["loglik"]) == 1
+    assert lm.plan.is_identity  # the model is left in its full form
 
 
 def _token_requests(seed: int, count: int = 40) -> list:

@@ -22,9 +22,11 @@ from typer.testing import CliRunner
 
 from conftest import DATA, TASKS, _SMALL
 from lm_eval_layers.importance.games import key
-from lm_eval_layers.importance.value import coalition_plan, example_scores, value_of
+from lm_eval_layers.columns import example_columns, gold_index, value_of
+from lm_eval_layers.importance.task_game import coalition_plan
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanError, PlanSpec
+from lm_eval_layers.scores_file import read_scores
 from surgery.cli import app
 
 SURGERY = str(Path(sys.executable).with_name("surgery"))
@@ -62,9 +64,17 @@ def test_coalition_plans():
     assert [(s.source, s.drop_attn, s.drop_mlp) for s in halves.slots] == [(0, True, False), (2, False, False)]
 
 
-def test_example_scores_from_a_logged_sample():
-    sample = {"target": 2, "acc": 1.0, "acc_norm": 0.0, "filtered_resps": [[-3.0, False], [-2.5, False], [-1.0, True]]}
-    assert example_scores(sample) == {"acc": 1.0, "acc_norm": 0.0, "loglik": -1.0, "margin": 1.5, "chance": 1 / 3}
+def test_example_columns_of_a_real_document(local_data):
+    from lm_eval_layers.task_suite import load_tasks, task_manager
+
+    task = load_tasks(task_manager(), ["arc_easy_local"])["arc_easy_local"]
+    doc = next(iter(task.test_docs()))  # "Which factor will most likely cause a person to develop a fever?"
+    gold, choices = gold_index(task, doc), len(task.doc_to_choice(doc))
+    assert gold == doc["choices"]["label"].index(doc["answerKey"]) and choices == 4
+    lls = [-3.0] * choices
+    lls[gold], lls[(gold + 1) % choices] = -1.0, -2.5
+    columns = example_columns(task, doc, {"acc": True, "acc_norm": 0.0, "acc_mutual_info": 0.5}, lls)
+    assert columns == {"acc": 1.0, "acc_norm": 0.0, "loglik": -1.0, "margin": 1.5, "chance": 1 / 4}
 
 
 def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, local_data):
@@ -93,7 +103,7 @@ def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, lo
 
     res = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy_local"], limit=3, log_samples=True,
                                   task_manager=TaskManager(include_path=str(TASKS)))
-    ll = [example_scores(s)["loglik"] for s in res["samples"]["arc_easy_local"]]
+    ll = [float(s["filtered_resps"][int(s["target"])][0]) for s in res["samples"]["arc_easy_local"]]
     assert values[key(np.array([1, 0, 1, 0], bool))] == pytest.approx(np.mean(ll), abs=1e-5)
 
 
@@ -140,7 +150,7 @@ def test_drop_lowest_in_the_plugin_and_the_cli(tiny_llama_dir, tmp_path):
     lm = LayeredLM(pretrained=str(tiny_llama_dir), scores=str(blocks), drop_lowest=3, device="cpu")
     assert lm.plan.dropped == (1, 3, 5)
     halves = _scores_file(tmp_path / "h.json", "attn", [0.9, 0.1, 0.8, 0.05, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.95, 0.85])
-    plan = PlanSpec.from_args(scores=str(halves), drop_lowest=2).resolve(6)
+    plan = PlanSpec.from_args(scores=read_scores(halves), drop_lowest=2).resolve(6)
     assert [(s.source, s.drop_attn, s.drop_mlp) for s in plan.slots if s.drop_attn or s.drop_mlp] == [(0, False, True), (1, False, True)]
     result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--scores", str(blocks), "--drop-lowest", "2",
                                       "--out", str(tmp_path / "out")])
@@ -158,7 +168,7 @@ def test_scores_from_another_model_are_refused(tiny_llama_dir, tmp_path):
     with pytest.raises(PlanError, match="go together"):
         PlanSpec.from_args(drop_lowest=2)
     with pytest.raises(PlanError, match="does not exist"):
-        PlanSpec.from_args(scores=str(tmp_path / "nope.json"), drop_lowest=1)
+        read_scores(tmp_path / "nope.json")
 
 
 def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
@@ -171,7 +181,7 @@ def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
     # Cross-check block 0's influence from output_hidden_states (its input and output).
     model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tok = T.AutoTokenizer.from_pretrained(tiny_llama_dir)
-    from lm_eval_layers.importance.similarity import block_similarity, calibration_batches
+    from lm_eval_layers.similarity import block_similarity, calibration_batches
 
     batches = calibration_batches(tok, (DATA / "wikitext2" / "wiki.test.raw").read_text())
     sims = block_similarity(model, batches)
@@ -184,14 +194,18 @@ def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
 def test_score_refuses_bad_options_before_loading(tmp_path):
     runner = CliRunner()
     for args, message in [
-        (["--method", "magic"], "--method 'magic' is unknown"),
-        (["--unit", "head"], "--unit 'head' is unknown"),
-        (["--metric", "f1"], "--metric 'f1' is unknown"),
-        (["--method", "angular", "--unit", "attn"], "scores blocks"),
-        (["--estimator", "mc"], "--estimator 'mc' is unknown"),
+        (["--method", "magic"], "--method': Value error, 'magic' is not one of 'shapley'"),
+        (["--unit", "head"], "--unit': Value error, 'head' is not one of 'block', 'attn', 'mlp'"),
+        (["--metric", "f1"], "--metric': Value error, 'f1' is not one of 'acc'"),
+        (["--method", "angular", "--unit", "attn"], "error: --method angular scores blocks; use --unit block"),
+        (["--estimator", "mc"], "--estimator': Value error, 'mc' is not one of 'regression', 'permutation'"),
+        (["--tasks", "arc_easy_locl"], "error: task 'arc_easy_locl' is not known to lm-eval or to the shipped tasks; did you mean arc_easy_local"),
+        (["--include-path", str(tmp_path / "none")], "error: task folder"),
     ]:
         result = runner.invoke(app, ["score", "does-not-matter", "--out", str(tmp_path / "s.json"), *args])
-        assert result.exit_code == 2 and message in result.stderr, result.output
+        text = " ".join(result.stderr.replace("│", " ").split())  # Typer boxes its usage errors
+        assert result.exit_code == 2 and message in text, result.output
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_path, local_data):
@@ -211,10 +225,26 @@ def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_p
     assert a["evaluations_per_process"] == [a["new_evaluations"]]
     assert len(b["evaluations_per_process"]) == 2 and min(b["evaluations_per_process"]) > 0  # both did work
     assert sum(b["evaluations_per_process"]) == b["new_evaluations"] == a["new_evaluations"]
-    # torchrun runs each process with one thread, so log-likelihoods differ from the single-process
-    # run at float rounding (~1e-7 relative); a missing or doubled coalition moves values by far more.
-    assert [u["value"] for u in b["units"]] == pytest.approx([u["value"] for u in a["units"]], rel=1e-4, abs=1e-6)
+    # torchrun runs each process with one thread, so log-likelihoods (means of ~-30) differ from the
+    # single-process run at float rounding (seen: 2.5e-6 on values of ~1e-2); a missing or doubled
+    # coalition moves values by 1e-3 or more.
+    assert [u["value"] for u in b["units"]] == pytest.approx([u["value"] for u in a["units"]], abs=5e-5)
     split, single = stored_values(two.with_suffix(".sqlite"), "loglik"), stored_values(one.with_suffix(".sqlite"), "loglik")
     assert split.keys() == single.keys()
     assert [split[c] for c in sorted(split)] == pytest.approx([single[c] for c in sorted(single)], rel=1e-5, abs=1e-6)
     assert proc.stdout.count("shapley (permutation) of") == 1  # one table, from rank 0
+
+
+def test_defaults_work_from_any_directory(tiny_llama_dir, tmp_path):
+    """A new user's first command, run outside the repository with no --include-path: the
+    shipped tasks are found; a model path that does not exist is one line, exit 2."""
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
+    proc = subprocess.run([SURGERY, "score", str(tiny_llama_dir), "--method", "ablation", "--limit", "5"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["tasks"] == ["arc_easy_local"] and len(scores["units"]) == 6
+    bad = subprocess.run([SURGERY, "score", str(tmp_path / "missing"), "--method", "ablation", "--out", "x.json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot load a model config from") and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.sqlite").exists()

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from lm_eval.tasks import TaskManager
 
 from conftest import TASKS
-from lm_eval_layers.evaluate import evaluate_plans
+from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
 
@@ -32,13 +31,13 @@ def test_alias_loads_the_30_block_gguf(smollm2):
 
 def test_dropping_block_0_collapses_accuracy_while_a_middle_block_costs_little(smollm2, local_data):
     plans = [("full", PlanSpec()), ("drop 0", PlanSpec.from_args(drop=0)), ("drop 15", PlanSpec.from_args(drop=15))]
-    results = evaluate_plans(smollm2, plans, ["arc_easy_local"], TaskManager(include_path=str(TASKS)), limit=LIMIT)
-    acc = {r.name: r.metrics["arc_easy_local"]["acc,none"] for r in results}
-    # DESIGN.md 3.4 (validation[:200]): full 0.50, without block 0: 0.29, without block 15: 0.475.
+    results = Evaluator(smollm2, ["arc_easy_local"], limit=LIMIT).evaluate_all(plans)
+    acc = {r.name: r.metrics["arc_easy_local"]["acc"] for r in results}
+    # Measured on validation[:200]: full 0.50, without block 0: 0.29, without block 15: 0.475.
     assert acc["full"] >= 0.40
     assert acc["drop 0"] <= 0.33  # chance is 0.25
     assert abs(acc["drop 15"] - acc["full"]) <= 0.06
-    assert smollm2.plan.is_identity  # evaluate_plans leaves the model as it found it
+    assert smollm2.plan.is_identity  # the evaluator leaves the model in its full form
 
 
 def test_function_preserving_presets_reproduce_the_real_model(smollm2):
@@ -93,8 +92,8 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
     assert proc.returncode == 0, proc.stderr[-3000:]
     (samples_file,) = (tmp_path / "res").rglob("samples_arc_easy_local_*.jsonl")
     hf = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    layered = evaluate_plans(smollm2, [("pruned", PlanSpec.from_args(drop="24-27", drop_attn=5))], ["arc_easy_local"],
-                             TaskManager(include_path=str(TASKS)), limit=24, log_samples=True)[0]
+    pruned = PlanSpec.from_args(drop="24-27", drop_attn=5)
+    layered = Evaluator(smollm2, ["arc_easy_local"], limit=24, prepared=False).evaluate(pruned, log_samples=True)
     def loglikelihoods(samples) -> dict:  # the log file stores numbers as strings
         return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
 
@@ -104,32 +103,29 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
         assert lls == pytest.approx(expected[doc_id], abs=1e-6)
     smollm2.fast = True  # shared contexts: hf's numbers to float rounding, the same accuracy
     try:
-        shared = evaluate_plans(smollm2, [("pruned", PlanSpec.from_args(drop="24-27", drop_attn=5))], ["arc_easy_local"],
-                                TaskManager(include_path=str(TASKS)), limit=24, log_samples=True)[0]
+        shared = Evaluator(smollm2, ["arc_easy_local"], limit=24, prepared=False).evaluate(pruned, log_samples=True)
     finally:
         smollm2.fast = False
     for doc_id, lls in loglikelihoods(shared.samples["arc_easy_local"]).items():
         assert lls == pytest.approx(expected[doc_id], abs=1e-4)
-    assert shared.metrics["arc_easy_local"]["acc,none"] == layered.metrics["arc_easy_local"]["acc,none"]
+    assert shared.metrics["arc_easy_local"]["acc"] == layered.metrics["arc_easy_local"]["acc"]
 
 
 def test_ablation_ranks_an_early_cornerstone_block_first(smollm2, local_data, tmp_path):
-    """DESIGN.md 3.4: removing block 0 or 1 costs the most; a cheap smooth metric shows it.
-    Runs on the fast path, checked against lm-eval's own loop on the same slice."""
-    from lm_eval_layers.fast import FastEvaluator, PreparedTasks
+    """Removing block 0 or 1 costs the most (the cornerstone layers); a cheap smooth metric
+    shows it. Runs on prepared requests, checked against lm-eval's own loop on the same slice."""
     from lm_eval_layers.importance.scoring import score_units
-    from lm_eval_layers.importance.value import Store, TaskGame
+    from lm_eval_layers.importance.store import Store
+    from lm_eval_layers.importance.task_game import TaskGame
 
-    manager = TaskManager(include_path=str(TASKS))
-    fast = FastEvaluator(smollm2, PreparedTasks(smollm2, ["arc_easy_local"], manager, limit=20))
+    fast = Evaluator(smollm2, ["arc_easy_local"], limit=20)
+    slow = Evaluator(smollm2, ["arc_easy_local"], limit=20, prepared=False)
     for plan in (PlanSpec(), PlanSpec.from_args(drop=0), PlanSpec.from_args(drop=15)):
-        resolved = plan.resolve(30)
-        metrics, _ = fast.evaluate(resolved)
-        slow = evaluate_plans(smollm2, [("x", resolved)], ["arc_easy_local"], manager, limit=20)[0]
+        got, expected = fast.evaluate(plan).metrics, slow.evaluate(plan).metrics
         for metric in ("acc", "acc_norm"):
-            assert metrics["arc_easy_local"][metric] == slow.metrics["arc_easy_local"][f"{metric},none"]
+            assert got["arc_easy_local"][metric] == expected["arc_easy_local"][metric]
 
-    game = TaskGame(lambda plan: fast.evaluate(plan)[1], 30, "block", "loglik", Store(tmp_path / "s.sqlite", {"test": 1}))
+    game = TaskGame(lambda plan: fast.evaluate(plan).examples, 30, "block", "loglik", Store(tmp_path / "s.sqlite", {"test": 1}))
     est, _, sample_se = score_units(game, "ablation", 0, "regression", 0, 3)
     ranking = list(np.argsort(-est.values))
     assert ranking[0] in (0, 1), ranking[:5]

@@ -11,17 +11,43 @@ examples), rank (1 = most important).
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import numpy as np
 
+from lm_eval_layers.columns import value_of
+from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import estimators
 from lm_eval_layers.importance.games import CachedGame, key
-from lm_eval_layers.importance.value import TaskGame, unit_names, value_of
+from lm_eval_layers.importance.task_game import TaskGame, unit_names
 
 SCHEMA = "lm-eval-layers/scores/v1"
-METHODS = ("shapley", "exact", "ablation", "window", "angular", "bi")
 EXACT_LIMIT = 16
+
+
+class Method(str, Enum):
+    """How units are scored: games on tasks (Shapley, exact, leave-one-out, the window
+    heuristic) or representation similarity on calibration text (angular distance, block
+    influence)."""
+
+    shapley = "shapley"
+    exact = "exact"
+    ablation = "ablation"
+    window = "window"
+    angular = "angular"
+    bi = "bi"
+
+    @property
+    def is_similarity(self) -> bool:
+        return self in (Method.angular, Method.bi)
+
+
+class Estimator(str, Enum):
+    """Shapley estimators for `Method.shapley`."""
+
+    regression = "regression"
+    permutation = "permutation"
 
 
 def estimate(method: str, game: CachedGame, budget: int, estimator: str, seed: int, level: int,
@@ -35,14 +61,12 @@ def estimate(method: str, game: CachedGame, budget: int, estimator: str, seed: i
         return estimators.window(game, level)
     if estimator == "permutation":
         return estimators.permutation(game, budget, seed)
-    if estimator == "regression":
-        return estimators.regression(game, budget, seed, bootstrap=bootstrap)
-    raise ValueError(f"unknown estimator {estimator!r}; use regression or permutation")
+    return estimators.regression(game, budget, seed, bootstrap=bootstrap)
 
 
 def check_exact(n: int, force: bool) -> None:
     if n > EXACT_LIMIT and not force:
-        raise ValueError(
+        raise UsageError(
             f"exact Shapley values of {n} units need 2^{n} = {2 ** n:,} evaluations; use --method shapley "
             "with a --budget, or pass --force"
         )

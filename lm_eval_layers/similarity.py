@@ -4,9 +4,19 @@ block influence BI = 1 − E_t[cos(h_in,t, h_out,t)] (ShortGPT), for every block
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from lm_eval_layers.arch import layout_for
+from lm_eval_layers.errors import DataError
+
+
+class Position(str, Enum):
+    """Where angular distance is measured: the last token of each window, or every token."""
+
+    last = "last"
+    all = "all"
 
 
 @torch.no_grad()
@@ -51,5 +61,5 @@ def calibration_batches(tokenizer, text: str, tokens: int = 128, count: int = 16
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = [ids[i * tokens:(i + 1) * tokens] for i in range(min(count, len(ids) // tokens))]
     if not windows:
-        raise ValueError(f"the calibration text has fewer than {tokens} tokens; give a longer text")
+        raise DataError(f"the calibration text has fewer than {tokens} tokens; give a longer text")
     return [torch.stack(windows[i:i + batch]) for i in range(0, len(windows), batch)]

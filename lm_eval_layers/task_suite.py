@@ -1,0 +1,60 @@
+"""The task YAMLs that ship with the package (`*_local`: lm-eval's prompts, offline-capable
+data) and the lm-eval task manager that finds them from any directory.
+
+In a wheel the YAMLs live in `lm_eval_layers/tasks/`; in a source checkout (editable install)
+they are the repository's top-level `tasks/`. Give them to the stock `lm_eval` command with
+`--include_path "$(python -m lm_eval_layers.task_suite)"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from lm_eval_layers.errors import TaskError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def tasks_dir() -> Path:
+    """The folder of the shipped task YAMLs."""
+    for folder in (_PACKAGE / "tasks", _PACKAGE.parent / "tasks"):
+        if (folder / "arc_easy_local.yaml").is_file():
+            return folder
+    raise TaskError(f"the task YAMLs are missing from {_PACKAGE}; reinstall lm-eval-layers")
+
+
+def task_manager(include_path: str | Path | Iterable[str | Path] | None = None) -> TaskManager:
+    """lm-eval's task manager with the shipped tasks and any user folders of task YAMLs."""
+    from lm_eval.tasks import TaskManager
+
+    extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
+    for folder in extra:
+        if not Path(folder).is_dir():
+            raise TaskError(f"task folder {folder} does not exist; pass a folder of lm-eval task YAMLs")
+    return TaskManager(include_path=[str(tasks_dir()), *map(str, extra)])
+
+
+def check_task_names(manager: TaskManager, names: list[str]) -> None:
+    """Unknown task names as a one-line error with the nearest known names (no task is built)."""
+    if not names:
+        raise TaskError("no task given; name at least one, e.g. arc_easy_local")
+    for name in names:
+        if not manager.match_tasks([name]):
+            near = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            hint = f"did you mean {', '.join(near)}?" if near else "list them with `lm_eval ls tasks`"
+            raise TaskError(f"task {name!r} is not known to lm-eval or to the shipped tasks; {hint}")
+
+
+def load_tasks(manager: TaskManager, names: list[str]) -> dict[str, Any]:
+    """The leaf task objects of task and group names (groups flattened)."""
+    check_task_names(manager, names)
+    return manager.load(names)["tasks"]
+
+
+if __name__ == "__main__":
+    print(tasks_dir())
