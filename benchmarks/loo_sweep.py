@@ -1,4 +1,4 @@
-"""Benchmark 1 of issue 5: a leave-one-out sweep over the blocks of SmolLM2 on arc_easy
+"""Benchmark: a leave-one-out sweep over the blocks of SmolLM2 on arc_easy
 validation (first N documents).
 
   (a) what a user does today: `surgery prune` a checkpoint per block and run `lm_eval --model hf`
@@ -27,8 +27,7 @@ from pathlib import Path
 from lm_eval.tasks import TaskManager
 
 from common import BIN, INCLUDE, TASK, save
-from lm_eval_layers.evaluate import evaluate_plans
-from lm_eval_layers.fast import FastEvaluator, PreparedTasks
+from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.loglikelihood import run_batches
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
@@ -61,24 +60,24 @@ def main() -> None:
             a[k]["acc"] = json.loads(result_file.read_text())["results"][TASK]["acc,none"]
 
     b: dict[str, dict] = {"plain": {}, "shared_contexts": {}}
+    lm_eval_loop = Evaluator(lm, [TASK], manager, args.limit, prepared=False)
     for mode, fast_loop in (("plain", False), ("shared_contexts", True)):
         lm.fast = fast_loop
         for k in subset:
-            start = time.perf_counter()
-            r = evaluate_plans(lm, [(str(k), PlanSpec.from_args(drop=k))], [TASK], manager, limit=args.limit)[0]
-            b[mode][k] = {"seconds": time.perf_counter() - start, "acc": r.metrics[TASK]["acc,none"]}
+            r = lm_eval_loop.evaluate(PlanSpec.from_args(drop=k))
+            b[mode][k] = {"seconds": r.seconds, "acc": r.metrics[TASK]["acc"]}
 
     start = time.perf_counter()
-    fast = FastEvaluator(lm, PreparedTasks(lm, [TASK], manager, args.limit))
+    fast = Evaluator(lm, [TASK], manager, args.limit)
     setup = time.perf_counter() - start
+    engine = fast.engine
     start = time.perf_counter()  # one pass of the full model over the prepared batches
-    run_batches(lm.model, fast.prepared.batches, len(fast.prepared.requests), lm.softmax_dtype)
+    run_batches(lm.model, engine.prepared.batches, len(engine.prepared.requests), lm.softmax_dtype)
     full_pass = time.perf_counter() - start
     c = {}
     for k in range(depth):
-        start = time.perf_counter()
-        metrics, _ = fast.evaluate(PlanSpec.from_args(drop=k).resolve(depth))
-        c[k] = {"seconds": time.perf_counter() - start, "acc": metrics[TASK]["acc"], "blocks_run": fast.blocks_run}
+        r = fast.evaluate(PlanSpec.from_args(drop=k))
+        c[k] = {"seconds": r.seconds, "acc": r.metrics[TASK]["acc"], "blocks_run": engine.blocks_run}
 
     def per(runs: dict) -> float:
         return sum(v["seconds"] for v in runs.values()) / len(runs)
@@ -87,8 +86,8 @@ def main() -> None:
     sweeps = {"a_estimated": per(a) * depth, "b_plain_estimated": per(b["plain"]) * depth,
               "b2_shared_contexts_estimated": per(b["shared_contexts"]) * depth, "c_measured": sweep_c}
     result = {
-        "task": TASK, "limit": args.limit, "blocks": depth, "subset": subset, "batches_c": len(fast.prepared.batches),
-        "requests": len(fast.prepared.requests),
+        "task": TASK, "limit": args.limit, "blocks": depth, "subset": subset, "batches_c": len(engine.prepared.batches),
+        "requests": len(engine.prepared.requests),
         "a_prune_then_lm_eval_hf": a, "b_lm_eval_layered_in_process": b, "c_fast": c, "c_setup_seconds": setup,
         "sweep_seconds": sweeps,
         "ratios": {"a_over_c": sweeps["a_estimated"] / sweep_c, "b_over_c": sweeps["b_plain_estimated"] / sweep_c,

@@ -1,4 +1,4 @@
-"""Benchmark 3 of issue 5: the stock `lm_eval` console script with `--model layered` and an
+"""Benchmark: the stock `lm_eval` console script with `--model layered` and an
 empty plan against `--model hf` on SmolLM2 (fp32, CPU), arc_easy validation[:N], batch 32.
 
 `layered` runs lm-eval's loglikelihood requests with shared contexts by default; with

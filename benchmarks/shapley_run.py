@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 5: a Shapley run (regression estimator, budget 200) over SmolLM2's 30
+"""Benchmark: a Shapley run (regression estimator, budget 200) over SmolLM2's 30
 blocks on arc_easy validation[:N], fast path vs plain path.
 
 The fast path runs the whole budget, as `surgery score` does. The plain path is lm-eval's own
@@ -22,11 +22,11 @@ import numpy as np
 from lm_eval.tasks import TaskManager
 
 from common import INCLUDE, TASK, save
-from lm_eval_layers.evaluate import evaluate_plans
-from lm_eval_layers.fast import FastEvaluator, PreparedTasks
+from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.importance.games import from_key
 from lm_eval_layers.importance.scoring import score_units
-from lm_eval_layers.importance.value import Store, TaskGame, coalition_plan, example_scores
+from lm_eval_layers.importance.store import Store
+from lm_eval_layers.importance.task_game import TaskGame, coalition_plan
 from lm_eval_layers.model import LayeredLM
 
 
@@ -41,23 +41,21 @@ def main() -> None:
     manager = TaskManager(include_path=INCLUDE)
 
     start = time.perf_counter()
-    fast = FastEvaluator(lm, PreparedTasks(lm, [TASK], manager, args.limit))
+    fast = Evaluator(lm, [TASK], manager, args.limit)
     with tempfile.TemporaryDirectory() as tmp:
-        game = TaskGame(lambda plan: fast.evaluate(plan)[1], depth, "block", "acc", Store(Path(tmp) / "s.sqlite", {}))
+        game = TaskGame(lambda plan: fast.evaluate(plan).examples, depth, "block", "acc", Store(Path(tmp) / "s.sqlite", {}))
         est, used, sample_se = score_units(game, "shapley", args.budget, "regression", 0, 3)
         fast_seconds = time.perf_counter() - start
         stored = {k: game.scores(from_key(k, depth))[TASK] for k in used.values}
 
     rng = np.random.default_rng(0)
     keys = [int(k) for k in rng.choice(list(stored), size=min(args.sample, len(stored)), replace=False)]
-    plain = []
+    plain, lm_eval_loop = [], Evaluator(lm, [TASK], manager, args.limit, prepared=False)
     for k in keys:
         t0 = time.perf_counter()
-        r = evaluate_plans(lm, [("c", coalition_plan(from_key(k, depth), "block", depth))], [TASK], manager,
-                           limit=args.limit, log_samples=True)[0]
+        r = lm_eval_loop.evaluate(coalition_plan(from_key(k, depth), "block", depth))
         seconds = time.perf_counter() - t0
-        rows = [example_scores(s) for s in sorted(r.samples[TASK], key=lambda s: s["doc_id"])]
-        same = all([row[m] for row in rows] == stored[k][m] for m in ("acc", "acc_norm"))
+        same = all(r.examples[TASK][m] == stored[k][m] for m in ("acc", "acc_norm"))
         plain.append({"coalition": format(k, "08x"), "kept_blocks": int(from_key(k, depth).sum()),
                       "seconds": seconds, "same_examples": same})
 

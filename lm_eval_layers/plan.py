@@ -313,7 +313,7 @@ class PlanSpec:
         return LayerPlan(n, tuple(slots))
 
     def _preset(self, n: int) -> tuple[list[int], list[tuple[int, str]]]:
-        """Drops and inserts of a preset, scaled to depth n (DESIGN.md 3.6)."""
+        """Drops and inserts of a preset, scaled to depth n (Llama SLayer's S strategy; LLaMA-Pro)."""
         if self.preset is None:
             return [], []
         if self.preset == "slayer":

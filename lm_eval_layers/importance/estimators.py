@@ -6,7 +6,7 @@
 - `regression`: paired KernelSHAP with sizes drawn uniformly (leverage weights) and per-size
   stratified weights, ∅, N and all size-1 / size-(n−1) coalitions when the budget allows, solved
   under Σφ = v(N) − v(∅); bootstrap over sampled pairs.
-- `window`: seed 1's local "efficient sampling" heuristic, reproduced for comparison.
+- `window`: the local "efficient sampling" heuristic of "Investigating Layer Importance in Large Language Models", reproduced for comparison.
 - `ablation`: leave-one-out, v(N) − v(N∖{i}).
 """
 
