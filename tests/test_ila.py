@@ -9,6 +9,7 @@ import torch
 from conftest import ARCHS, make_model
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.training.gates import Gates, UnitKind, lora_layers
+from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback
 from lm_eval_layers.training.selection import Selection, lora_config
 
 
@@ -98,3 +99,39 @@ def test_block_unit_ties_a_blocks_matrices_to_one_gate():
         if i == 2:
             layer.enable_adapters(False)
     torch.testing.assert_close(off, logits(peft), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1's ε-stop
+
+
+def stop_step(losses, epsilon=0.02, patience=2, window=10) -> int | None:
+    """The step (1-based) at which the callback ends training, fed as the Trainer would."""
+    from transformers import TrainerControl, TrainerState
+
+    callback = EpsilonStopCallback(EpsilonStop(epsilon, patience, window))
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in enumerate(losses, 1):
+        state.global_step = step
+        callback.on_log(None, state, control, logs={"loss": loss, "learning_rate": 1e-3})
+        if control.should_training_stop:
+            break
+    return callback.stop_step
+
+
+def test_flat_loss_stops_at_the_first_eligible_window():
+    assert stop_step([2.0] * 100) == 30  # windows 1..3: two comparisons (patience 2), both calm
+    assert stop_step([2.0] * 100, patience=1, window=5) == 10
+    assert stop_step([2.0] * 29) is None
+
+
+def test_falling_loss_does_not_stop_until_it_flattens():
+    falling = [3.0 - 0.01 * t for t in range(200)]  # ≥ 5% lower every window of 10 steps
+    assert stop_step(falling) is None
+    # then flat at 1.0: the first flat window still differs from the last falling one by 5%,
+    # the next two are calm, so the stop comes two windows later
+    assert stop_step(falling + [1.0] * 100) == 230
+    noisy = [2.0 + (0.3 if t % 2 else -0.3) * (t // 10 % 2) for t in range(100)]  # flat mean, alternating spread
+    assert stop_step(noisy) == 30
+    zigzag = [2.0 if t // 10 % 2 else 1.5 for t in range(200)]  # windows alternate 1.5 / 2.0: never stable
+    assert stop_step(zigzag) is None
