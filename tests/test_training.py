@@ -189,6 +189,23 @@ def test_selections_by_block_index(tmp_path):
         select_blocks(8, new_blocks=True, model_folder=tmp_path / "nowhere")
 
 
+def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
+    def check(**options):
+        TrainOptions(model="m", data="d", out=tmp_path / "o", **options).check()
+
+    with pytest.raises(UsageError, match="--heal trains LoRA on all blocks"):
+        check(heal=True, layers="1")
+    with pytest.raises(UsageError, match="--adapter-only writes a LoRA adapter; add --lora R"):
+        check(adapter_only=True)
+    with pytest.raises(UsageError, match="--max-steps and --epochs are exclusive"):
+        check(max_steps=3, epochs=1.0)
+    with pytest.raises(UsageError, match="--eval-fraction 1.5"):
+        check(eval_fraction=1.5)
+    healed = TrainOptions(model="m", data="d", out=tmp_path / "o", heal=True)
+    healed.check()
+    assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # training runs
 
@@ -244,6 +261,11 @@ def test_lora_on_blocks_2_3_merged_and_as_adapter(tiny_llama_dir, qa_data, tmp_p
     plain = scores("hf", {"pretrained": str(tiny_llama_dir), "dtype": "float32"})
     assert via_adapter == pytest.approx(via_merged, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(plain, via_merged)) > 1e-3  # training changed the answers' scores
+    # A plan on top of the adapter: the plan applies to the PEFT model's base blocks.
+    pruned = tmp_path / "merged-drop5"
+    assert CliRunner().invoke(app, ["prune", str(merged), "--drop", "5", "--out", str(pruned)]).exit_code == 0
+    planned = scores("layered", {"pretrained": str(tiny_llama_dir), "peft": str(adapter), "drop": "5", "dtype": "float32"})
+    assert planned == pytest.approx(scores("hf", {"pretrained": str(pruned), "dtype": "float32"}), abs=1e-4)
 
 
 def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
