@@ -33,6 +33,7 @@ from surgery.checkpoint import (
     atomic_output, block_prefix, copy_side_files, parse_size, plan_tensors, write_config, write_metadata,
     write_weights,
 )
+from surgery.ila import app as ila_app
 from surgery.options import DType, ModelArg, console, user_errors
 from surgery.score import score
 from surgery.sources import Source, open_model, source_layout
@@ -124,6 +125,7 @@ def expand(
 
 app.command()(score)
 app.command()(train)
+app.add_typer(ila_app, name="ila")
 
 
 @app.command()

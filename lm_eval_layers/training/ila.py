@@ -61,6 +61,7 @@ class ILASettings:
     batch_size: int = 8
     max_length: int = 256
     seed: int = 0
+    dtype: str = "float32"  # of the loaded model; on CPUs without AMX the bfloat16 backward is many times slower
 
     def check(self) -> None:
         """Option mistakes, caught before anything is read."""
@@ -75,6 +76,7 @@ class ILASettings:
             (self.penalty < 0, "--penalty must be zero or positive"),
             (self.batch_size < 1, "--batch-size must be at least 1"),
             (self.max_length < 2, "--max-length must be at least 2 tokens"),
+            (self.dtype not in ("float32", "bfloat16", "float16"), f"--dtype {self.dtype}: use float32, bfloat16 or float16"),
         ]
         for bad, message in checks:
             if bad:
