@@ -9,7 +9,7 @@ import torch
 from conftest import ARCHS, make_model
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.training.gates import Gates, UnitKind, lora_layers
-from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback
+from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback, ILASettings, run_ila
 from lm_eval_layers.training.selection import Selection, lora_config
 
 
@@ -135,3 +135,67 @@ def test_falling_loss_does_not_stop_until_it_flattens():
     assert stop_step(noisy) == 30
     zigzag = [2.0 if t // 10 % 2 else 1.5 for t in range(200)]  # windows alternate 1.5 / 2.0: never stable
     assert stop_step(zigzag) is None
+
+
+# --------------------------------------------------------------------------------------------
+# planted ground truth
+
+
+def planted_teacher(seed: int, sharpen: float = 20.0, scale: float = 2.0, samples: int = 1024, length: int = 32):
+    """(base, the 3 planted unit names, examples sampled from the teacher, every unit name).
+
+    The teacher is the base plus a rank-2 change of norm `scale`·‖W‖ in 3 units drawn at random
+    among the matrices that write values (v/o/gate/up/down: a change to q or k passes through
+    the attention softmax of this tiny random model's near-zero scores and barely moves the
+    output). Both share an LM head sharpened ×`sharpen`: with this initialisation a ×8 head
+    leaves the teacher's samples near-uniform (4.47 nats of at most 4.85) and base and teacher
+    within 0.01–0.08 nats of each other, so the text would carry no planted signal.
+    """
+    import copy
+    import random
+
+    from lm_eval_layers.training.data import Example
+
+    base = make_model("llama", seed=seed)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(sharpen)
+    teacher = copy.deepcopy(base)
+    blocks = layout_for(teacher).find_blocks(teacher)
+    units = [(i, rel) for i, block in enumerate(blocks) for rel, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    candidates = [u for u in units if not u[1].endswith(("q_proj", "k_proj"))]
+    planted = random.Random(seed).sample(candidates, 3)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, rel in planted:
+            weight = blocks[i].get_submodule(rel).weight
+            delta = torch.randn(weight.shape[0], 2, generator=generator) @ torch.randn(2, weight.shape[1], generator=generator)
+            weight.add_(delta * scale * weight.norm() / delta.norm())
+        torch.manual_seed(seed)
+        start = torch.randint(3, teacher.config.vocab_size, (samples, 1))
+        text = teacher.generate(start, do_sample=True, top_k=0, max_new_tokens=length - 1, min_new_tokens=length - 1, pad_token_id=0)
+    examples = [Example(row.tolist(), row.tolist()) for row in text]
+    return base, {f"{i}.{rel}" for i, rel in planted}, examples, [f"{i}.{rel}" for i, rel in units]
+
+
+def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
+    from math import comb
+
+    from rich.console import Console
+
+    settings = dict(rank=4, lr=1e-2, epsilon=0.005, max_steps=400, batch_size=16, max_length=64)
+    lines, hits = [], []
+    for seed in range(3):
+        base, planted, examples, names = planted_teacher(seed)
+        result = run_ila(base, examples, 0, ILASettings(seed=seed, **settings), Console(quiet=True))
+        assert [u.name for u in result.units] == names
+        n = len(names)
+        top = {names[i] for i in sorted(range(n), key=lambda i: -result.logits[i])[:3]}
+        by_norm = {names[i] for i in sorted(range(n), key=lambda i: -result.delta_norms[i])[:3]}
+        hits.append(len(top & planted))
+        lines.append(f"seed {seed}: planted {sorted(planted)}; gates' top 3 {sorted(top)} ({len(top & planted)} of 3); "
+                     f"‖BA‖ top 3 {sorted(by_norm)} ({len(by_norm & planted)} of 3); stage 1: "
+                     + (f"ε-stop at step {result.stop_step}" if result.stop_step else f"{result.stage1_steps} steps (cap)"))
+    chance = sum(comb(3, x) * comb(n - 3, 3 - x) for x in (2, 3)) / comb(n, 3)
+    with capsys.disabled():
+        print("\n" + "\n".join(lines) + f"\nchance of ≥2 of 3 in a random top 3 of {n}: {chance:.4f} (expected hits {9 / n:.2f})")
+    assert all(h >= 2 for h in hits), hits
