@@ -3,14 +3,26 @@ planted ground truth, the comparisons and the command line."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from conftest import ARCHS, make_model
+from conftest import ARCHS, DATA, make_model
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.training.gates import Gates, UnitKind, lora_layers
+from lm_eval_layers.errors import UsageError
 from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback, ILASettings, run_ila
+from lm_eval_layers.training.ila_compare import compare_runs, compare_scores, expected_jaccard
+from lm_eval_layers.training.ila_report import SCHEMA, TIMING_FIELDS
+from lm_eval_layers.training.ila_run import run as ila_run
 from lm_eval_layers.training.selection import Selection, lora_config
+from surgery.cli import app
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -199,3 +211,129 @@ def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines) + f"\nchance of ≥2 of 3 in a random top 3 of {n}: {chance:.4f} (expected hits {9 / n:.2f})")
     assert all(h >= 2 for h in hits), hits
+
+
+# --------------------------------------------------------------------------------------------
+# ila.json, compare, the command line
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory) -> Path:
+    """32 conversations from the shared SFT data."""
+    path = tmp_path_factory.mktemp("data") / "nq32.jsonl"
+    path.write_text("\n".join((DATA / "sft" / "nq_open.jsonl").read_text().splitlines()[:32]) + "\n")
+    return path
+
+
+SHORT = dict(max_steps=6, gate_steps=4, batch_size=4, max_length=64, window=2)
+
+
+def ila_file(model: Path, data: Path, out: Path, plot: Path | None = None, **settings) -> dict:
+    from rich.console import Console
+
+    return ila_run(str(model), str(data), out, plot, ILASettings(**{**SHORT, **settings}), Console(quiet=True))
+
+
+def test_same_seed_and_data_give_the_same_ila_json(tiny_llama_dir, qa_data, tmp_path):
+    a = ila_file(tiny_llama_dir, qa_data, tmp_path / "a.json", tmp_path / "a.png", seed=3)
+    b = ila_file(tiny_llama_dir, qa_data, tmp_path / "b.json", seed=3)
+    c = ila_file(tiny_llama_dir, qa_data, tmp_path / "c.json", seed=4, unit=UnitKind.block)
+    on_disk = json.loads((tmp_path / "a.json").read_text())
+    assert on_disk == json.loads(json.dumps(a)) and (tmp_path / "a.png").stat().st_size > 0
+    untimed = [{k: v for k, v in d.items() if k not in TIMING_FIELDS} for d in (a, b, c)]
+    assert untimed[0] == untimed[1]
+    assert untimed[0]["units"] != untimed[2]["units"]
+
+    n = 6 * 7  # q, k, v, o, gate, up, down in each of 6 blocks
+    assert a["schema"] == SCHEMA and a["num_layers"] == 6 and a["unit"] == "module" and len(a["units"]) == n
+    assert a["data"]["records"] == 32 and a["data"]["format"] == "messages" and len(a["data"]["digest"]) == 64
+    assert a["stage1"]["steps"] == len(a["stage1"]["loss_curve"]) and a["stage2"]["steps"] == 4
+    assert {"lm_loss", "penalty", "mean_gate"} <= set(a["stage2"]["loss_curve"][0])
+    assert sorted(u["rank"] for u in a["units"]) == list(range(1, n + 1))
+    best = min(a["units"], key=lambda u: u["rank"])
+    assert best["s"] == max(u["s"] for u in a["units"]) and best["name"] == a["top"]["10%"][0]
+    assert [len(a["top"][k]) for k in ("10%", "25%", "50%")] == [4, 11, 21]
+    assert sum(b["total"] for b in a["blocks"]) == pytest.approx(sum(u["gate"] for u in a["units"]))
+    assert [u["name"] for u in c["units"]] == [str(i) for i in range(6)] and c["settings"]["unit"] == "block"
+
+
+def test_expected_jaccard_is_exact():
+    from itertools import combinations
+    from math import comb
+
+    for n, k in ((6, 2), (7, 3), (5, 5), (9, 1)):
+        subsets = [set(s) for s in combinations(range(n), k)]
+        brute = sum(len(a & b) / len(a | b) for a in subsets for b in subsets) / comb(n, k) ** 2
+        assert expected_jaccard(n, k) == pytest.approx(brute, abs=1e-12)
+    assert abs(expected_jaccard(42, 10) - 10 / (84 - 10)) > 1e-3  # the ratio of expectations is not it
+
+
+def ila_doc(gates: list[float], names: list[str] | None = None) -> dict:
+    """A minimal ila.json with the given gates (units named by index, one unit per block)."""
+    names = names or [str(i) for i in range(len(gates))]
+    order = sorted(range(len(gates)), key=lambda i: (-gates[i], i))
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    units = [{"name": names[i], "block": i, "module": "*", "s": g, "gate": g, "rank": rank[i], "delta_norm": 0.0}
+             for i, g in enumerate(gates)]
+    return {"schema": SCHEMA, "unit": "block", "num_layers": len(gates), "units": units,
+            "blocks": [{"block": i, "total": g, "units": 1} for i, g in enumerate(gates)]}
+
+
+def test_compare_runs_and_against_a_scores_file(tmp_path):
+    a = ila_doc([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    b = ila_doc([0.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.9])
+    rows = {r["top"]: r for r in compare_runs([("a", a), ("b", b)])}
+    assert rows["10%"]["jaccard"] == 0.0 and rows["25%"]["jaccard"] == pytest.approx(2 / 4)  # top 3: {0,1,2} vs {9,1,2}
+    assert rows["50%"]["jaccard"] == pytest.approx(4 / 6) and rows["50%"]["chance"] == pytest.approx(expected_jaccard(10, 5))
+    with pytest.raises(UsageError, match="rank different units"):
+        compare_runs([("a", a), ("c", ila_doc([0.5] * 9))])
+
+    scores = {"schema": "lm-eval-layers/scores/v1", "unit": "block", "num_layers": 10, "method": "ablation",
+              "units": [{"index": i, "value": v} for i, v in enumerate([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])]}
+    same = compare_scores("a", a, "s", scores)
+    assert same["spearman"] == pytest.approx(1.0) and all(o["overlap"] == 1.0 for o in same["top_k"])
+    flipped = compare_scores("a", a, "s", {**scores, "units": [{"index": i, "value": -v["value"]} for i, v in enumerate(scores["units"])]})
+    assert flipped["spearman"] == pytest.approx(-1.0) and [o["overlap"] for o in flipped["top_k"]] == [0.0, 0.0, 0.0]
+    with pytest.raises(UsageError, match="--unit block"):
+        compare_scores("a", a, "s", {**scores, "unit": "attn"})
+
+    files = []
+    for name, doc in (("a.json", a), ("b.json", b), ("scores.json", scores)):
+        files.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["ila", "compare", *files, "--out", str(tmp_path / "cmp.json")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert len(written["pairs"]) == 3 and len(written["scores"]) == 2
+    assert "Jaccard" in result.stdout and "Spearman" in result.stdout
+
+
+def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([str(Path(sys.executable).with_name("surgery")), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_runs_and_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path):
+    short = ["--max-steps", "4", "--gate-steps", "2", "--batch-size", "4", "--max-length", "64"]
+    proc = surgery("ila", str(tiny_llama_dir), "--data", str(qa_data), "--out", "ila.json", "--plot", "ila.png",
+                   "--unit", "block", *short, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    document = json.loads((tmp_path / "ila.json").read_text())
+    assert document["unit"] == "block" and len(document["units"]) == 6 and (tmp_path / "ila.png").is_file()
+    assert "ILA:" in proc.stdout and "stage 1: LoRA r=8" in proc.stderr
+
+    unknown = tmp_path / "rows.jsonl"
+    unknown.write_text('{"question": "q", "answer": "a"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in (
+        (["--data", str(unknown)], "error: unknown record format: record 0 has fields answer, question"),
+        (["--data", str(qa_data), "--budget", "1.5"], "error: --budget 1.5 must be a share of units in (0, 1)"),
+    ):
+        proc = surgery("ila", str(tiny_llama_dir), *args, "--out", "new.json", "--plot", "new.png", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+        assert proc.stderr.strip().startswith(message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    proc = surgery("ila", str(tiny_llama_dir), "--data", str(qa_data), "--out", "ila.json", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --out") and "exists" in proc.stderr

@@ -16,7 +16,7 @@ ila.json (schema `lm-eval-layers/ila/v1`):
   block), `block`, `module` (`*` for a block), `s` (the gate logit), `gate` (σ(s)), `rank`
   (1 = most important, by s; ties by model order) and `delta_norm` (‖scaling · B A‖_F of the
   stage-1 LoRA update, the naive baseline ranking).
-- `top`: `{"10%": [...], "25%": [...], "50%": [...]}`, the names of the top K = max(1, round(p·N)) units.
+- `top`: `{"10%": [...], "25%": [...], "50%": [...]}`, the names of the top K = max(1, ⌊p·N + ½⌋) units.
 - `blocks`: per block `block`, `total` (Σ σ(s) over its units) and `units`.
 - `timing`: wall seconds of each stage and per step; the only fields that differ between two
   runs with the same seed and data (on the same machine and thread count).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,7 +51,8 @@ def records_digest(records: Sequence[Any]) -> str:
 
 
 def top_k(share: float, n: int) -> int:
-    return max(1, round(share * n))
+    """K = p·N rounded half up (Python's round() would send 2.5 to 2), at least 1."""
+    return max(1, math.floor(share * n + 0.5))
 
 
 def share_label(share: float) -> str:
