@@ -9,6 +9,7 @@ import pytest
 
 from lm_eval_layers.importance import estimators as E
 from lm_eval_layers.importance.games import CachedGame, CornerstoneGame, NoisyGame, QuadraticGame
+from lm_eval_layers.importance.scoring import Estimator, estimate
 
 
 def weights(n: int, seed: int = 0) -> np.ndarray:
@@ -130,3 +131,33 @@ def test_permutation_intervals_are_t_intervals_across_pairs():
     assert est.extra["df"] == est.extra["samples"] - 1 > 3
     lo, hi = est.ci()
     np.testing.assert_allclose((hi - lo) / 2, stats.t.ppf(0.975, est.extra["df"]) * est.stderr, rtol=1e-9)
+
+
+def _finishes(seconds: int, fn):
+    """`fn()` or a test failure after `seconds` (a hang must fail, not stall the suite)."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError(f"did not finish in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("estimator", [e.value for e in Estimator])
+def test_every_estimator_terminates_for_any_budget(estimator):
+    """A budget ≥ 2^n buys the exact values; smaller budgets, however tiny, still end."""
+    game = CornerstoneGame(weights(4), [0])
+    truth = E.exact(CachedGame(game)).values
+    est = _finishes(20, lambda: estimate("shapley", CachedGame(game), 60, estimator, 0, 3))
+    np.testing.assert_allclose(est.values, truth, atol=1e-12)
+    assert est.evaluations == 16 and np.all(est.stderr == 0)
+    small = CornerstoneGame(weights(3), [1])
+    for budget in range(0, 10):
+        est = _finishes(20, lambda: estimate("shapley", CachedGame(small), budget, estimator, budget, 3))
+        assert est.values.shape == (3,) and np.all(np.isfinite(est.values))

@@ -248,3 +248,17 @@ def test_defaults_work_from_any_directory(tiny_llama_dir, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot load a model config from") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.sqlite").exists()
+
+
+def test_sampling_on_a_model_with_few_coalitions_finishes(tiny4, tmp_path, local_data):
+    """4 blocks have 16 coalitions: a budget of 60 buys the exact values (once every coalition
+    is cached, sampling more orders costs nothing, so it must not be what ends the run)."""
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
+    out = tmp_path / "perm.json"
+    subprocess.run([SURGERY, *score_args(tiny4, out, "--estimator", "permutation", "--budget", "60")],
+                   env=env, check=True, capture_output=True, timeout=300)
+    scores = json.loads(out.read_text())
+    assert scores["evaluations"] == 16 and all(u["stderr"] == 0 for u in scores["units"])
+    exact = tmp_path / "exact.json"
+    subprocess.run([SURGERY, *score_args(tiny4, exact, "--method", "exact")], env=env, check=True, capture_output=True, timeout=300)
+    assert [u["value"] for u in scores["units"]] == pytest.approx([u["value"] for u in json.loads(exact.read_text())["units"]], abs=1e-9)

@@ -75,13 +75,30 @@ def exact(game: CachedGame) -> Estimate:
     return Estimate("exact", phi, np.zeros(n), game.evaluations, float(values[0]), float(values[-1]))
 
 
+def enumerable(n: int, budget: int) -> bool:
+    """A budget that covers all 2^n coalitions buys the exact values: sampling would only
+    re-walk cached coalitions (at no cost, so a budget-driven loop would never end)."""
+    return budget >= 1 << n
+
+
+def _exact_as(method: str, game: CachedGame) -> Estimate:
+    est = exact(game)
+    est.method, est.extra = method, {"exact": True}
+    return est
+
+
 def permutation(game: CachedGame, budget: int, seed: int = 0, antithetic: bool = True) -> Estimate:
-    """Marginal contributions along random orders; with `antithetic`, each order also reversed."""
+    """Marginal contributions along random orders; with `antithetic`, each order also reversed.
+    At most `budget` orders are drawn: orders over cached coalitions are free, and the bound
+    keeps the loop finite (and the coalitions at a smaller budget a prefix of those at a larger)."""
     n = game.n
+    method = "permutation" if antithetic else "plain-permutation"
+    if enumerable(n, budget):
+        return _exact_as(method, game)
     rng = np.random.default_rng(seed)
     v_empty, v_full = _ends(game)
     samples: list[np.ndarray] = []
-    while True:
+    while len(samples) < max(budget, 1):  # the first order is walked even past a tiny budget
         order = rng.permutation(n)
         walks = [order, order[::-1]] if antithetic else [order]
         rows = []
@@ -103,7 +120,6 @@ def permutation(game: CachedGame, budget: int, seed: int = 0, antithetic: bool =
     d = np.array(samples)
     k = len(d)
     stderr = d.std(axis=0, ddof=1) / math.sqrt(k) if k > 1 else np.full(n, np.inf)
-    method = "permutation" if antithetic else "plain-permutation"
     return Estimate(method, d.mean(axis=0), stderr, game.evaluations, v_empty, v_full, {"df": k - 1, "samples": k})
 
 
@@ -121,6 +137,8 @@ def _solve(rows: np.ndarray, y: np.ndarray, w: np.ndarray, total: float) -> np.n
 def regression(game: CachedGame, budget: int, seed: int = 0, bootstrap: int = 200) -> Estimate:
     """Paired KernelSHAP with leverage (uniform-size) sampling and the efficiency constraint."""
     n = game.n
+    if enumerable(n, budget):
+        return _exact_as("regression", game)
     rng = np.random.default_rng(seed)
     v_empty, v_full = _ends(game)
     total = v_full - v_empty
