@@ -5,7 +5,7 @@ DATA ?= $(abspath ../shared/data)
 # Read evaluation data from ../shared/data when it exists, otherwise from the Hugging Face hub.
 RUN_ENV := $(if $(wildcard $(DATA)/README.md),LM_EVAL_LAYERS_DATA=$(DATA) HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1,)
 
-.PHONY: demo test install clean
+.PHONY: demo test test-quick install clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(RUN_ENV) $(PY) -m pytest -q
+
+# The fast unit tests only: no real model, no training, no subprocesses.
+test-quick: install
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) out

@@ -17,7 +17,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,9 @@ class Batch:
             mask = torch.cat([torch.arange(past)[None] < row_lengths[:, None], torch.ones(len(self.rows), width, dtype=torch.bool)], 1)
             mask = mask.long()
             positions = row_lengths[:, None] + torch.arange(width)[None]
+        row = torch.arange(len(self.rows))[:, None].expand(-1, width)[valid]  # the request of each real token
         return {"ctx": ctx if past else None, "ids": ids, "targets": targets, "valid": valid, "mask": mask,
-                "positions": positions, "group": torch.tensor(self.group)}
+                "positions": positions, "group": torch.tensor(self.group), "row": row}
 
 
 def attention_window(config: Any) -> int | None:
@@ -131,14 +132,48 @@ def run_batches(model: Any, batches: Iterable[Batch], num_requests: int, softmax
             with around(b, "ctx"):
                 cache = model(t["ctx"], use_cache=True, **ctx_kwargs).past_key_values
             cache.reorder_cache(t["group"])
-        with around(b, "cont"):
+        with around(b, "cont"), _head_on(model, t["valid"]) as gathered:
             logits = model(t["ids"], past_key_values=cache, attention_mask=t["mask"], position_ids=t["positions"],
                            use_cache=cache is not None).logits
-        lp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype or logits.dtype)
-        token_lp = lp.gather(2, t["targets"][..., None])[..., 0].masked_fill(~t["valid"], 0)
-        greedy = (lp.argmax(-1) == t["targets"]) | ~t["valid"]
+        if gathered():  # logits of the real continuation tokens only, [1, tokens, vocab]
+            lp = F.log_softmax(logits[0], dim=-1, dtype=softmax_dtype or logits.dtype)
+        else:
+            lp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype or logits.dtype)[t["valid"]]
+        targets = t["targets"][t["valid"]]
+        token_lp = lp.gather(1, targets[:, None])[:, 0]
+        misses = (lp.argmax(-1) != targets).to(token_lp.dtype)
+        row = t["row"]
+        sums = token_lp.new_zeros(len(batch.rows)).index_add_(0, row, token_lp)
+        wrong = misses.new_zeros(len(batch.rows)).index_add_(0, row, misses)
         for k, i in enumerate(batch.rows):
-            results[i] = (float(token_lp[k].sum()), bool(greedy[k].all()))
+            results[i] = (float(sums[k]), bool(wrong[k] == 0))
         if progress is not None:
             progress(len(batch.rows))
     return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _head_on(model: Any, valid: torch.Tensor) -> Iterator[Callable[[], bool]]:
+    """Run the model's own output head only on the real (non-padded) continuation positions.
+
+    A pre-hook on the output embedding hands it the hidden states of the `valid` positions as
+    one [1, tokens, hidden] sequence, so the head and every family's own output transform after
+    it (Gemma 2 soft-capping, Cohere's logit_scale, Granite's logits_scaling, …: all elementwise)
+    run per real token; padding never reaches the vocabulary projection. Yields whether it did
+    (a head called on other shapes is left alone)."""
+    head = model.get_output_embeddings()
+    done = [False]
+
+    def gather(_module: Any, args: tuple) -> tuple | None:
+        hidden = args[0]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(valid.shape):
+            return None
+        done[0] = True
+        return (hidden[valid.to(hidden.device)][None], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        yield lambda: done[0]
+    finally:
+        if handle is not None:
+            handle.remove()

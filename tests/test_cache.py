@@ -17,6 +17,8 @@ from lm_eval.tasks import TaskManager
 
 from conftest import DATA, TASKS
 
+pytestmark = pytest.mark.slow  # real model / subprocesses: deselected by `make test-quick`
+
 LIMIT = 5
 
 

@@ -132,3 +132,25 @@ def test_batches_share_contexts_and_respect_sliding_windows():
     assert [b.contexts for b in windowed] == [[(1, 2, 3)], [(7, 8), (7,)]]
     assert windowed[0].tensors["mask"] is None and windowed[0].tensors["positions"] is None
     assert [len(b.rows) for b in make_batches(reqs, batch_size=2)] == [2, 2]
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
+def test_output_transforms_survive_the_gathered_head(family, tokenizer_dir):
+    """Logits are computed only at real continuation tokens by calling the model's own head on
+    gathered hidden states; each family's transform after the head (Granite's logits_scaling,
+    Cohere's logit_scale, Gemma 2's soft-capping) must still apply: compared with `hf`."""
+    import transformers as T
+
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = {"granite": lambda: T.GraniteConfig(**small, logits_scaling=4.0),
+              "cohere": lambda: T.CohereConfig(**small, logit_scale=0.25),
+              "gemma2": lambda: T.Gemma2Config(**small, head_dim=8, final_logit_softcapping=2.0)}[family]()
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm = LayeredLM(pretrained=model, tokenizer=T.AutoTokenizer.from_pretrained(tokenizer_dir), device="cpu", batch_size=7)
+    requests = _token_requests(seed=3)
+    fast = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    reference = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
+    assert [g for _, g in fast] == [g for _, g in reference]
+    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in reference], abs=1e-4)

@@ -15,6 +15,8 @@ from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec
 
+pytestmark = pytest.mark.slow  # real model / subprocesses: deselected by `make test-quick`
+
 LIMIT = 100
 
 
