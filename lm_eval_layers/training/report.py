@@ -127,7 +127,7 @@ tags:
 - surgery-train
 ---
 
-# {folder.name if folder.name != "final" else log["out"]}
+# {Path(log["out"]).name}
 
 {kind.capitalize()} written by lm-eval-layers (`surgery train`) from `{log["model"]}`.
 
