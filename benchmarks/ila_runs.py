@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-from itertools import combinations
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
