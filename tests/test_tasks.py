@@ -132,6 +132,7 @@ def test_task_names_do_not_collide_with_builtins():
 
 def test_boolq_local_rows_take_the_super_glue_schema(local_data):
     from lm_eval_layers.data import load
+    from lm_eval_layers.errors import DataError
 
     ds = load("boolq", "aps/super_glue", "boolq")
     row = ds["validation"][0]
@@ -155,5 +156,5 @@ def test_missing_local_folder_is_a_clear_error(monkeypatch, tmp_path):
     from lm_eval_layers.data import load
 
     monkeypatch.setenv("LM_EVAL_LAYERS_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no folder 'piqa'"):
+    with pytest.raises(DataError, match="has no folder 'piqa'"):
         load("piqa", "baber/piqa")
