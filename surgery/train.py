@@ -24,6 +24,8 @@ def train(
     layers: Optional[str] = typer.Option(None, "--layers", help="blocks to train, plan syntax: 0-7, 3;5-7, -1"),
     freeze_bottom: Optional[str] = typer.Option(None, "--freeze-bottom", help="freeze the lowest blocks, e.g. 25% or 4; train the rest"),
     new_blocks: bool = typer.Option(False, "--new-blocks", help="train the blocks listed in MODEL/new_parameters.json (surgery expand); may be united with --layers"),
+    layers_from: Optional[Path] = typer.Option(None, "--layers-from", help="ila.json of `surgery ila`: train its top units (with --top)"),
+    top: Optional[str] = typer.Option(None, "--top", help="with --layers-from: the share of units, e.g. 30%"),
     lora: Optional[int] = typer.Option(None, "--lora", help="train LoRA adapters of rank R on the selected blocks' linear modules"),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scaling alpha (default 2 × R)"),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
@@ -57,7 +59,8 @@ def train(
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
     with user_errors():
         options = TrainOptions(
-            model=model, data=data, out=out, layers=layers, freeze_bottom=freeze_bottom, new_blocks=new_blocks, lora=lora,
+            model=model, data=data, out=out, layers=layers, freeze_bottom=freeze_bottom, new_blocks=new_blocks,
+            layers_from=layers_from, top=top, lora=lora,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, heal=heal, adapter_only=adapter_only, distill_from=distill_from,
             temperature=temperature, distill_weight=distill_weight, max_length=max_length, max_steps=max_steps, epochs=epochs,
             lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, eval_fraction=eval_fraction, dtype=dtype.value,

@@ -206,6 +206,36 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
     assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
 
 
+def ila_file(path: Path, unit: str, ranked: list[tuple[int, str]], depth: int = 6) -> Path:
+    """A minimal ila.json (the fields `--layers-from` reads) ranking the given units first."""
+    from lm_eval_layers.training.ila_report import SCHEMA
+
+    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    every = [(b, "*") for b in range(depth)] if unit == "block" else [(b, m) for b in range(depth) for m in modules]
+    order = ranked + [u for u in every if u not in ranked]
+    units = [{"name": f"{b}.{m}", "block": b, "module": m, "rank": order.index((b, m)) + 1} for b, m in every]
+    path.write_text(json.dumps({"schema": SCHEMA, "model_type": "llama", "num_layers": depth, "unit": unit, "units": units}))
+    return path
+
+
+def test_top_units_of_an_ila_file(tmp_path):
+    matrices = ila_file(tmp_path / "m.json", "module", [(4, "mlp.down_proj"), (1, "self_attn.q_proj"), (4, "self_attn.v_proj"), (0, "mlp.up_proj")])
+    picked = select_blocks(6, layers_from=matrices, top="10%", model_type="llama")  # K = round(0.1 * 42) = 4
+    assert picked.matrices == ((0, "mlp.up_proj"), (1, "self_attn.q_proj"), (4, "mlp.down_proj"), (4, "self_attn.v_proj"))
+    assert picked.blocks == (0, 1, 4)
+    blocks = ila_file(tmp_path / "b.json", "block", [(5, "*"), (2, "*")])
+    assert select_blocks(6, layers_from=blocks, top="0.34").blocks == (2, 5) and not select_blocks(6, layers_from=blocks, top="34%").matrices
+    for top, message in (("0%", "outside \\(0, 100%\\]"), ("150%", "outside"), ("lots", "not a share")):
+        with pytest.raises(SelectionError, match=message):
+            select_blocks(6, layers_from=blocks, top=top)
+    with pytest.raises(SelectionError, match="model with 6 blocks, this one is llama with 8; run `surgery ila` on this model"):
+        select_blocks(8, layers_from=blocks, top="30%", model_type="llama")
+    with pytest.raises(SelectionError, match="--layers-from and --top go together"):
+        select_blocks(6, layers_from=blocks)
+    with pytest.raises(SelectionError, match="--layers and --layers-from are two selections"):
+        select_blocks(6, layers="1", layers_from=blocks, top="30%")
+
+
 # --------------------------------------------------------------------------------------------
 # training runs
 
@@ -292,6 +322,19 @@ def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
         peft = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
         got = peft(ids).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_ila_matrices_train_alone(tiny_llama_dir, qa_data, tmp_path):
+    """Matrix units: exactly those weight matrices change, with full weights and with merged LoRA."""
+    ranked = [(1, "self_attn.q_proj"), (4, "mlp.down_proj"), (4, "self_attn.v_proj"), (0, "mlp.up_proj")]
+    ila = ila_file(tmp_path / "ila.json", "module", ranked)
+    wanted = {f"model.layers.{b}.{m}.weight" for b, m in ranked}
+    before = tensors(tiny_llama_dir)
+    for name, options in (("full", {}), ("lora", {"lora": 2, "lora_dropout": 0.0})):
+        log = run(tiny_llama_dir, qa_data, tmp_path / name, layers_from=ila, top="10%", lr=1e-2, max_steps=3, **options)
+        after = tensors(tmp_path / name)
+        assert {n for n in before if not same_bytes(before[n], after[n])} == wanted, name
+    assert log["lora"]["target_modules"] == sorted(f"model.layers.{b}.{m}" for b, m in ranked)
 
 
 class StopAt(TrainerCallback):

@@ -51,6 +51,8 @@ class TrainOptions:
     layers: str | None = None
     freeze_bottom: str | None = None
     new_blocks: bool = False
+    layers_from: Path | None = None  # ila.json of `surgery ila`
+    top: str | None = None  # share of its units, e.g. "30%"
     lora: int | None = None
     lora_alpha: float | None = None  # default: 2 × rank
     lora_dropout: float = 0.05
@@ -76,7 +78,7 @@ class TrainOptions:
     def check(self) -> None:
         """Option mistakes, caught before anything is read."""
         if self.heal:
-            if self.layers or self.freeze_bottom or self.new_blocks:
+            if self.layers or self.freeze_bottom or self.new_blocks or self.layers_from:
                 raise UsageError("--heal trains LoRA on all blocks; drop the selection or use --lora R with it instead")
             self.lora = self.lora or HEAL["lora"]
             self.lora_alpha = self.lora_alpha or HEAL["lora_alpha"]
@@ -206,7 +208,8 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     work = check_paths(options)
     source = open_model(options.model)
     depth = num_layers(source.config)
-    selection = select_blocks(depth, options.layers, options.freeze_bottom, options.new_blocks, source.folder)
+    selection = select_blocks(depth, options.layers, options.freeze_bottom, options.new_blocks, source.folder,
+                              options.layers_from, options.top, source.config.get("model_type"))
     teacher_source = open_model(options.distill_from) if options.distill_from else None
     tokenizer = load_tokenizer(source)
     records = D.load_records(options.data)
@@ -305,7 +308,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
         config = lora_config(model, layout, selection, options.lora, options.lora_alpha or 2.0 * options.lora, options.lora_dropout)
         model = get_peft_model(model, config)
         lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                "target_modules": sorted(config.target_modules), "layers_to_transform": list(selection.blocks)}
+                "target_modules": sorted(config.target_modules), "layers_to_transform": config.layers_to_transform}
     else:
         freeze_all_but(model, layout, selection)
     count, total, names = trainable(model)
@@ -345,6 +348,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
     log = {
         "model": options.model, "data": options.data, "format": fmt.value, "out": str(options.out),
         "selection": selection.description, "blocks": list(selection.blocks),
+        "matrices": [f"{b}.{rel}" for b, rel in selection.matrices],
         "method": ("LoRA" if lora else "full") + (" + distillation" if teacher_dir else ""),
         "adapter_only": options.adapter_only, "lora": lora,
         "distill": {"teacher": options.distill_from, "temperature": options.temperature, "weight": options.distill_weight}

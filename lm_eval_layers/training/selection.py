@@ -11,6 +11,9 @@ Choices (one at a time; default: all blocks):
   (LLaMA-Pro: only the inserted blocks train). The one allowed union is `--new-blocks --layers
   SPEC`: Llama SLayer's S strategy also trains the new last block, so it is
   `--new-blocks --layers -1` on a `--preset slayer` expansion.
+- `--layers-from ila.json --top 30%`: the most significant units of a `surgery ila` run. Block
+  units select those blocks; matrix units select exactly those weight matrices (full weights of
+  just those matrices, or LoRA with PEFT `target_modules` given as full module names).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ NEW_PARAMS_FILE = "new_parameters.json"
 class Selection:
     blocks: tuple[int, ...]  # indices into the model's block list, sorted
     description: str  # for logs, the table and the model card
+    matrices: tuple[tuple[int, str], ...] = ()  # (block, module relative to it); empty: whole blocks
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -46,14 +50,21 @@ def select_blocks(
     freeze_bottom: str | None = None,
     new_blocks: bool = False,
     model_folder: Path | None = None,
+    layers_from: Path | None = None,
+    top: str | None = None,
+    model_type: str | None = None,
 ) -> Selection:
-    """The blocks to train, checked against the model's depth before any weight is loaded."""
+    """The blocks (or matrices) to train, checked against the model's depth before any weight is loaded."""
+    if (layers_from is None) != (top is None):
+        raise SelectionError("--layers-from and --top go together, e.g. --layers-from ila.json --top 30%")
     chosen = [name for name, on in (("--layers", layers is not None), ("--freeze-bottom", freeze_bottom is not None),
-                                    ("--new-blocks", new_blocks)) if on]
+                                    ("--new-blocks", new_blocks), ("--layers-from", layers_from is not None)) if on]
     if len(chosen) > 1 and chosen != ["--layers", "--new-blocks"]:
         raise SelectionError(
             f"{' and '.join(chosen)} are two selections; give one (only --new-blocks --layers SPEC combine, as a union)"
         )
+    if layers_from is not None and top is not None:
+        return top_units(layers_from, top, num_blocks, model_type)
     blocks: set[int] = set()
     parts: list[str] = []
     if new_blocks:
@@ -72,6 +83,40 @@ def select_blocks(
         blocks = set(range(num_blocks))
         parts.append(f"all {num_blocks} blocks")
     return Selection(tuple(sorted(blocks)), " + ".join(parts))
+
+
+def top_units(path: Path, top: str, num_blocks: int, model_type: str | None) -> Selection:
+    """The top share of an ila.json's units (by its rank), as blocks or as single matrices."""
+    from lm_eval_layers.training import ila_report
+    from lm_eval_layers.training.gates import WHOLE_BLOCK
+
+    share = parse_share(top)
+    document = ila_report.read(path)
+    if document.get("num_layers") != num_blocks or (model_type and document.get("model_type") not in (None, model_type)):
+        raise SelectionError(
+            f"{path} is for a {document.get('model_type')} model with {document.get('num_layers')} blocks, this one is "
+            f"{model_type} with {num_blocks}; run `surgery ila` on this model"
+        )
+    units = sorted(document["units"], key=lambda u: u["rank"])
+    chosen = units[: ila_report.top_k(share, len(units))]
+    blocks = tuple(sorted({int(u["block"]) for u in chosen}))
+    label = f"top {top.strip()} of {len(units)} {document['unit']} units of {Path(path).name}"
+    if document["unit"] == "block":
+        return Selection(blocks, f"{label}: blocks {format_indices(blocks)}")
+    matrices = tuple(sorted((int(u["block"]), u["module"]) for u in chosen if u["module"] != WHOLE_BLOCK))
+    return Selection(blocks, f"{label}: {len(matrices)} matrices in blocks {format_indices(blocks)}", matrices)
+
+
+def parse_share(text: str) -> float:
+    """`30%` or `0.3` -> 0.3, refused outside (0, 100%]."""
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise SelectionError(f"--top {text!r} is not a share; write it like 30% or 0.3") from None
+    if not 0 < share <= 1:
+        raise SelectionError(f"--top {text} is outside (0, 100%]; give a share like 30%")
+    return share
 
 
 def block_indices(option: str, spec: str, num_blocks: int) -> list[int]:
@@ -122,7 +167,7 @@ def block_list(model: nn.Module, layout: Layout) -> nn.ModuleList:
 
 
 def freeze_all_but(model: nn.Module, layout: Layout, selection: Selection) -> None:
-    """Full fine-tuning of the selected blocks: every other parameter frozen.
+    """Full fine-tuning of the selected blocks (or matrices): every other parameter frozen.
 
     Done before the Trainer builds its optimizer, which then holds only these parameters.
     A tensor shared between a selected block and anything outside it (tied weights) would
@@ -131,10 +176,11 @@ def freeze_all_but(model: nn.Module, layout: Layout, selection: Selection) -> No
     blocks = block_list(model, layout)
     for p in model.parameters():
         p.requires_grad_(False)
-    for i in selection.blocks:
-        for p in blocks[i].parameters():
+    parts = [blocks[b].get_submodule(rel) for b, rel in selection.matrices] or [blocks[i] for i in selection.blocks]
+    for part in parts:
+        for p in part.parameters():
             p.requires_grad_(True)
-    inside = {id(p) for i in selection.blocks for p in blocks[i].parameters()}
+    inside = {id(p) for part in parts for p in part.parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in inside and not _in_blocks(name, layout, selection):
             raise SelectionError(f"{name} shares its tensor with a selected block (tied weights); select blocks without it")
@@ -165,15 +211,19 @@ def linear_modules(model: nn.Module, layout: Layout, selection: Selection) -> tu
 
 
 def lora_config(model: nn.Module, layout: Layout, selection: Selection, rank: int, alpha: float, dropout: float) -> Any:
-    """PEFT's config for LoRA on the selected blocks: module names relative to a block plus
-    `layers_to_transform` (the block indices) under `layers_pattern` (the block list's name)."""
+    """PEFT's config for LoRA on the selection: for blocks, module names relative to a block plus
+    `layers_to_transform` (the block indices) under `layers_pattern` (the block list's name); for
+    single matrices, their full module names (PEFT matches those exactly)."""
     from peft import LoraConfig
 
     targets, conv1d = linear_modules(model, layout, selection)
+    if selection.matrices:
+        targets = [f"{layout.blocks}.{b}.{rel}" for b, rel in selection.matrices]
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=targets, fan_in_fan_out=conv1d,
-        layers_to_transform=list(selection.blocks), layers_pattern=layout.blocks.split(".")[-1],
+        layers_to_transform=None if selection.matrices else list(selection.blocks),
+        layers_pattern=None if selection.matrices else layout.blocks.split(".")[-1],
     )
 
 
