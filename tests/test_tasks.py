@@ -154,6 +154,7 @@ def test_local_wikitext_has_the_62_test_articles(local_data):
 
 def test_missing_local_folder_is_a_clear_error(monkeypatch, tmp_path):
     from lm_eval_layers.data import load
+    from lm_eval_layers.errors import DataError
 
     monkeypatch.setenv("LM_EVAL_LAYERS_DATA", str(tmp_path))
     with pytest.raises(DataError, match="has no folder 'piqa'"):
