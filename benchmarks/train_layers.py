@@ -31,6 +31,7 @@ DATA = REPO.parent / "shared" / "data"
 SFT = DATA / "sft" / "nq_open.jsonl"
 DEPTH = 30  # SmolLM2-135M
 SHARE = 0.3
+ILA = RESULTS / "ila_runs" / "nq_open_seed0.json"  # written by benchmarks/ila_runs.py
 
 
 @dataclass
@@ -72,25 +73,30 @@ def slayer_inserts() -> str:
     return ",".join(f"{i}:avg-zero" for i in range(1, DEPTH // 2, 2))  # what preset=slayer inserts
 
 
-def random_blocks(seed: int) -> str:
-    return ",".join(map(str, sorted(random.Random(seed).sample(range(DEPTH), round(SHARE * DEPTH)))))
+def reranked(ila: Path, work: Path, name: str, order: Callable[[list], list]) -> Path:
+    """The ila.json with its units re-ranked (random, reversed), so a row takes the same unit
+    kind and count through the same `--layers-from ... --top 30%` path as the top row."""
+    document = json.loads(ila.read_text())
+    ranked = order(sorted(document["units"], key=lambda u: u["rank"]))
+    for position, unit in enumerate(ranked):
+        unit["rank"] = position + 1
+    out = work / "ila" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document))
+    return out
 
 
-def top_blocks(scores: Path) -> str:
-    """The top 30% of blocks of a block-unit scores file (`surgery score` / `surgery ila` schema)."""
-    data = json.loads(scores.read_text())
-    ranked = sorted(data["units"], key=lambda u: -u["value"])[: round(SHARE * DEPTH)]
-    return ",".join(str(u["index"]) for u in sorted(ranked, key=lambda u: u["index"]))
+def shuffled(seed: int) -> Callable[[list], list]:
+    return lambda units: random.Random(seed).sample(units, len(units))
 
 
-def rows(ila: Path | None) -> dict[str, Row]:
+def rows(ila: Path | None, work: Path) -> dict[str, Row]:
     lora = {"lora": 8}
+    top = {"top": f"{round(SHARE * 100)}%"}
     drop4 = lambda w: prepared(w, "drop4", "prune", "--drop", f"{DEPTH - 4}-{DEPTH - 1}")  # noqa: E731
     table = {
         "base": Row(base),
         "lora_all": Row(base, lora),
-        **{f"lora_random30_seed{s}": Row(base, {**lora, "layers": random_blocks(s)}) for s in range(3)},
-        "lora_bottom30": Row(base, {**lora, "layers": f"0-{round(SHARE * DEPTH) - 1}"}),
         "slayer_new_blocks": Row(lambda w: prepared(w, "slayer", "expand", "--preset", "slayer"),
                                  {"new_blocks": True, "layers": "-1"}, "S strategy: new blocks + the new last block"),
         "slayer_inserts_drop_least_important": Row(
@@ -104,8 +110,14 @@ def rows(ila: Path | None) -> dict[str, Row]:
         "drop4_heal": Row(drop4, {"heal": True}),
         "drop4_distill": Row(drop4, {"lora": 8, "distill_from": "BASE"}, "LoRA r=8, KL to the unpruned model"),
     }
-    if ila is not None:
-        table["lora_ila_top30"] = Row(base, {**lora, "layers": top_blocks(ila)}, f"top 30% blocks of {ila.name}")
+    if ila is not None:  # the random and bottom rows take ILA's units too
+        table["lora_ila_top30"] = Row(base, {**lora, **top, "layers_from": ila}, f"top 30% units of {ila.name}")
+        for seed in range(3):
+            table[f"lora_random30_seed{seed}"] = Row(
+                base, {**lora, **top, "layers_from": reranked(ila, work, f"random{seed}", shuffled(seed))},
+                f"a random 30% of {ila.name}'s units")
+        table["lora_bottom30"] = Row(base, {**lora, **top, "layers_from": reranked(ila, work, "bottom", lambda u: u[::-1])},
+                                     f"the bottom 30% units of {ila.name}")
     return table
 
 
@@ -169,7 +181,7 @@ def run_row(name: str, row: Row, args: argparse.Namespace, examples: list, pad_i
         log = train(TrainOptions(model=str(model), data=str(SFT), out=folder, max_steps=args.steps, batch_size=args.batch_size,
                                  max_length=args.max_length, seed=args.seed, eval_fraction=0.1, force=True, **options),
                     Console(stderr=True))
-        result.update(options=row.train, steps=log["steps"], trainable_parameters=log["trainable_parameters"],
+        result.update(options={k: str(v) for k, v in row.train.items()}, steps=log["steps"], trainable_parameters=log["trainable_parameters"],
                       train_seconds=log["wall_seconds"], tokens_per_second=log["tokens_per_second"],
                       seconds_per_step=log["seconds_per_step"], selection=log["selection"])
     result["heldout_loss"] = heldout_loss(folder, examples, pad_id)
@@ -220,11 +232,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200, help="arc_easy test documents")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ila", type=Path, default=None, help="block-unit scores of `surgery ila` for the top-30% row")
+    parser.add_argument("--ila", type=Path, default=ILA if ILA.is_file() else None,
+                        help="ila.json of `surgery ila` on SmolLM2 + nq_open for the top / random / bottom 30%% rows")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    table = rows(args.ila)
+    table = rows(args.ila, args.work)
     names = [n for n in args.rows.split(",") if n] or [*table, "overhead"]
     unknown = [n for n in names if n not in table and n != "overhead"]
     if unknown:
