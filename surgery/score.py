@@ -21,7 +21,7 @@ from rich.table import Table
 
 from lm_eval_layers.data import ENV
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.importance.scoring import Estimator, Method
+from lm_eval_layers.importance.scoring import DEFAULT_ESTIMATOR, Estimator, Method
 from lm_eval_layers.importance.task_game import Metric, Unit
 from lm_eval_layers.similarity import Position
 from surgery.options import DType, ModelArg, console, user_errors
@@ -36,7 +36,9 @@ def score(
     limit: Optional[int] = typer.Option(100, "--limit", help="documents per task"),
     metric: Metric = typer.Option(Metric.acc, "--metric", help="per-example metric the game averages"),
     budget: int = typer.Option(400, "--budget", help="coalition evaluations for --method shapley"),
-    estimator: Estimator = typer.Option(Estimator.regression, "--estimator", help="Shapley estimator"),
+    estimator: str = typer.Option(DEFAULT_ESTIMATOR.value, "--estimator",
+                                  help=f"Shapley estimator: {'|'.join(e.value for e in Estimator)}, or shapiq:NAME (optional extra)"),
+    tol: Optional[float] = typer.Option(None, "--tol", help="stop once the widest 95%% coalition-sampling half-width is ≤ TOL (or the budget is spent)"),
     seed: int = typer.Option(0, "--seed"),
     level: int = typer.Option(3, "--level", help="window length for --method window"),
     position: Position = typer.Option(Position.last, "--position", help="angular distance at the last token or all tokens"),
@@ -53,7 +55,7 @@ def score(
 
     names = [t for t in tasks.split(",") if t]
     with user_errors():
-        _check_options(method, unit, budget, level)
+        _check_options(method, unit, budget, level, estimator, tol)
         if method.is_similarity:
             text = _calibration_text(calibration)
         else:
@@ -67,7 +69,7 @@ def score(
                 result = _by_similarity(lm, model, method, position, text) if rank == 0 else None
             else:
                 result = _by_game(lm, model, dtype.value, method, unit, names, manager, limit, metric, budget,
-                                  estimator, seed, level, force, out, rank, world)
+                                  estimator, tol, seed, level, force, out, rank, world)
         finally:
             distributed.finish(world)
         if result is None:  # another process of a distributed run: rank 0 reports
@@ -81,8 +83,14 @@ def score(
                   f"{result['evaluations']} coalitions; written {out}" + (f" and {plot}" if plot else ""))
 
 
-def _check_options(method: Method, unit: Unit, budget: int, level: int) -> None:
+def _check_options(method: Method, unit: Unit, budget: int, level: int, estimator: str, tol: float | None) -> None:
     """What can be refused before anything loads."""
+    from lm_eval_layers.importance.scoring import check_estimator
+    from lm_eval_layers.importance.stopping import check_tol
+
+    check_estimator(estimator)
+    if tol is not None:
+        check_tol(tol, method.value, estimator)
     if budget < 4:
         raise UsageError("--budget must be at least 4 evaluations")
     if level < 1:
@@ -136,15 +144,17 @@ def _by_similarity(lm: Any, model: str, method: Method, position: Position, text
 
 
 def _by_game(lm: Any, model: str, dtype: str, method: Method, unit: Unit, tasks: list[str], manager: Any,
-             limit: int | None, metric: Metric, budget: int, estimator: Estimator, seed: int, level: int,
+             limit: int | None, metric: Metric, budget: int, estimator: str, tol: float | None, seed: int, level: int,
              force: bool, out: Path, rank: int, world: int) -> dict[str, Any] | None:
-    """Evaluate the method's coalitions (split across processes), then estimate on rank 0."""
+    """Evaluate the method's coalitions round by round (split across processes); rank 0
+    estimates after each round and decides when to stop, then reports."""
     from lm_eval_layers import distributed
     from lm_eval_layers.default_model import resolve_alias
     from lm_eval_layers.evaluate import Evaluator
     from lm_eval_layers.identity import model_identity
-    from lm_eval_layers.importance.games import from_key
-    from lm_eval_layers.importance.scoring import chance_level, check_exact, planned_coalitions, report, score_units
+    from lm_eval_layers.importance import stopping
+    from lm_eval_layers.importance.games import CachedGame, from_key
+    from lm_eval_layers.importance.scoring import chance_level, check_exact, estimate, report, score_units
     from lm_eval_layers.importance.store import Store
     from lm_eval_layers.importance.task_game import TaskGame, num_players
 
@@ -165,25 +175,40 @@ def _by_game(lm: Any, model: str, dtype: str, method: Method, unit: Unit, tasks:
         store = Store(out.with_suffix(".sqlite"), context)
     game = TaskGame(lambda plan: evaluator.evaluate(plan).examples, common["num_layers"], unit.value, metric.value,
                     store)  # type: ignore[arg-type]
-    planned = planned_coalitions(n, method.value, budget, estimator.value, seed, level)
-    todo = distributed.broadcast(
-        [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
+    rounds = stopping.plan(n, method.value, budget, estimator, seed, level, stopping.ROUNDS if tol else 1)
+    per_process, reused = [0] * world, 0
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=rank != 0) as progress:
-        what = f"evaluating coalitions ({len(planned) - len(todo)} stored" + (f", {world} processes)" if world > 1 else ")")
-        bar = progress.add_task(what, total=len(todo))
-        per_process = distributed.evaluate_shared(
-            todo, lambda k: game.compute(from_key(k, n)), lambda k, scores: game.commit(from_key(k, n), scores),
-            rank, world, on_round=lambda count: progress.advance(bar, count))
+        what = "evaluating coalitions" + (f" ({world} processes)" if world > 1 else "")
+        bar = progress.add_task(what, total=sum(len(todo) for _, todo in rounds))
+
+        def evaluate(planned: list[int]) -> None:
+            nonlocal reused
+            todo = distributed.broadcast(
+                [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
+            reused += len(planned) - len(todo)
+            progress.advance(bar, len(planned) - len(todo))
+            counts = distributed.evaluate_shared(
+                todo, lambda k: game.compute(from_key(k, n)), lambda k, scores: game.commit(from_key(k, n), scores),
+                rank, world, on_round=lambda count: progress.advance(bar, count))
+            per_process[:] = [a + b for a, b in zip(per_process, counts)]
+
+        def show(width: float) -> None:
+            progress.update(bar, description=f"{what}, widest 95% half-width {width:.4f}" + (f" (tol {tol})" if tol else ""))
+
+        stop = stopping.run(rounds, evaluate,
+                            lambda b: estimate(method.value, CachedGame(game, n), b, estimator, seed, level) if rank == 0 else None,
+                            tol, lambda decision: distributed.broadcast(decision, world), show)
     if rank != 0:
         return None
-    est, _, sample_se = score_units(game, method.value, budget, estimator.value, seed, level, force)
+    est, _, sample_se = score_units(game, method.value, stop.budget, estimator, seed, level, force)
     shapley = method == Method.shapley
-    return report(est, sample_se, estimator=estimator.value if shapley else None, metric=metric.value, tasks=tasks,
-                  limit=limit, budget=budget if shapley else None, chance=chance_level(game),
-                  extra={"new_evaluations": sum(per_process), "reused": len(planned) - len(todo),
-                         "evaluations_per_process": per_process},
-                  **common)
+    extra = {"new_evaluations": sum(per_process), "reused": reused, "evaluations_per_process": per_process}
+    if tol is not None:
+        extra.update(tol=tol, stop_reason=stop.reason, rounds=stop.round, rounds_planned=stop.rounds,
+                     round_budget=stop.budget, widest_half_width=stop.half_width)
+    return report(est, sample_se, estimator=estimator if shapley else None, metric=metric.value, tasks=tasks,
+                  limit=limit, budget=budget if shapley else None, chance=chance_level(game), extra=extra, **common)
 
 
 def _calibration_text(path: Path | None) -> str:

@@ -198,7 +198,9 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
         (["--unit", "head"], "--unit': Value error, 'head' is not one of 'block', 'attn', 'mlp'"),
         (["--metric", "f1"], "--metric': Value error, 'f1' is not one of 'acc'"),
         (["--method", "angular", "--unit", "attn"], "error: --method angular scores blocks; use --unit block"),
-        (["--estimator", "mc"], "--estimator': Value error, 'mc' is not one of 'regression', 'permutation'"),
+        (["--estimator", "mc"], "error: --estimator 'mc' is not one of ramc, ramc-kadd, regression, permutation, or shapiq:NAME"),
+        (["--estimator", "shapiq:magic"], "error: --estimator shapiq:magic: unknown shapiq approximator; use shapiq:kernelshap"),
+        (["--estimator", "regression", "--tol", "0.01"], "error: --tol needs --method shapley with --estimator ramc"),
         (["--tasks", "arc_easy_locl"], "error: task 'arc_easy_locl' is not known to lm-eval or to the shipped tasks; did you mean arc_easy_local"),
         (["--include-path", str(tmp_path / "none")], "error: task folder"),
     ]:
@@ -262,3 +264,34 @@ def test_sampling_on_a_model_with_few_coalitions_finishes(tiny4, tmp_path, local
     exact = tmp_path / "exact.json"
     subprocess.run([SURGERY, *score_args(tiny4, exact, "--method", "exact")], env=env, check=True, capture_output=True, timeout=300)
     assert [u["value"] for u in scores["units"]] == pytest.approx([u["value"] for u in json.loads(exact.read_text())["units"]], abs=1e-9)
+
+
+def test_tol_stops_on_rank_0_and_resume_and_two_processes_keep_the_round(tiny_llama_dir, tmp_path, local_data):
+    """`--tol`: rounds planned up front, the stop decided on rank 0 after a round and broadcast.
+    A loose tolerance is met at once, so the run stops after the minimum number of rounds; a
+    resumed run and a two-process run stop at the same round with the same values."""
+    from lm_eval_layers.importance import stopping
+
+    env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
+    args = ["--estimator", "ramc", "--budget", "60", "--seed", "2", "--tol", "100"]
+    one = tmp_path / "one.json"
+    subprocess.run([SURGERY, *score_args(tiny_llama_dir, one, *args)], env=env, check=True, capture_output=True, timeout=600)
+    a = json.loads(one.read_text())
+    assert (a["stop_reason"], a["rounds"], a["rounds_planned"]) == ("tolerance", stopping.MIN_ROUNDS, 8)
+    assert a["evaluations"] == a["round_budget"] < 60 and a["widest_half_width"] <= 100
+    one.unlink()
+    subprocess.run([SURGERY, *score_args(tiny_llama_dir, one, *args, "--resume")], env=env, check=True, capture_output=True, timeout=600)
+    again = json.loads(one.read_text())
+    assert again["new_evaluations"] == 0 and again["rounds"] == a["rounds"]
+    assert [u["value"] for u in again["units"]] == [u["value"] for u in a["units"]]
+    two = tmp_path / "two.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "surgery", *score_args(tiny_llama_dir, two, *args)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = json.loads(two.read_text())
+    assert (b["stop_reason"], b["rounds"], b["evaluations"]) == (a["stop_reason"], a["rounds"], a["evaluations"])
+    assert min(b["evaluations_per_process"]) > 0
+    assert [u["value"] for u in b["units"]] == pytest.approx([u["value"] for u in a["units"]], abs=5e-5)

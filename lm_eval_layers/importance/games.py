@@ -99,3 +99,42 @@ class NoisyGame:
         x = np.atleast_2d(coalitions)
         noise = np.array([np.random.default_rng([self.seed, key(c)]).normal(0, self.sigma) for c in x])
         return self.game(x) + noise
+
+
+class RedundantPairsGame:
+    """A layer-like game of interchangeable units: consecutive units 2k, 2k+1 form a pair that
+    contributes its weight while either member is kept (removing one of two redundant blocks
+    costs little, removing both costs a lot), through a saturating curve from `chance` to `top`."""
+
+    def __init__(self, weights: np.ndarray, chance: float = 0.25, top: float = 0.7, rate: float = 3.0) -> None:
+        self.n = len(weights)
+        self.w = np.asarray(weights, dtype=float)
+        self.chance, self.top, self.rate = chance, top, rate
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(coalitions).astype(bool)
+        pairs = np.arange(self.n) // 2
+        groups = np.zeros((len(x), pairs[-1] + 1), bool)
+        np.logical_or.at(groups.T, pairs, x.T)
+        pair_w = np.bincount(pairs, self.w)
+        strength = (1 - np.exp(-self.rate * groups @ pair_w / pair_w.sum())) / (1 - np.exp(-self.rate))
+        return self.chance + (self.top - self.chance) * strength
+
+
+class CornerstoneTailGame:
+    """A layer-like game: without the cornerstone unit accuracy is `chance`; with it, the other
+    units add weights that fall off along the stack (a long tail of small late units) through a
+    saturating curve, so each unit matters less the more others are kept."""
+
+    def __init__(self, n: int, cornerstone: int = 0, decay: float = 0.15, chance: float = 0.25, top: float = 0.7,
+                 rate: float = 2.5) -> None:
+        self.n, self.cornerstone = n, cornerstone
+        self.w = np.exp(-decay * np.arange(n))
+        self.w[cornerstone] = 0.0
+        self.chance, self.top, self.rate = chance, top, rate
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(coalitions).astype(bool)
+        share = x.astype(float) @ self.w / self.w.sum()
+        strength = 0.2 + 0.8 * (1 - np.exp(-self.rate * share)) / (1 - np.exp(-self.rate))
+        return self.chance + x[:, self.cornerstone] * (self.top - self.chance) * strength

@@ -18,7 +18,7 @@ import numpy as np
 
 from lm_eval_layers.columns import value_of
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.importance import estimators
+from lm_eval_layers.importance import estimators, shapiq_adapter
 from lm_eval_layers.importance.games import CachedGame, key
 from lm_eval_layers.importance.task_game import TaskGame, unit_names
 
@@ -44,10 +44,27 @@ class Method(str, Enum):
 
 
 class Estimator(str, Enum):
-    """Shapley estimators for `Method.shapley`."""
+    """Shapley estimators for `Method.shapley` (besides shapiq's, `shapiq:NAME`): regression-
+    adjusted Monte Carlo with a boosted-trees or 3-additive surrogate, paired KernelSHAP,
+    antithetic permutations."""
 
+    ramc = "ramc"
+    ramc_kadd = "ramc-kadd"
     regression = "regression"
     permutation = "permutation"
+
+
+DEFAULT_ESTIMATOR = Estimator.ramc
+
+
+def check_estimator(estimator: str) -> str:
+    """A built-in estimator or `shapiq:NAME`, checked before anything loads."""
+    if estimator.startswith(shapiq_adapter.PREFIX):
+        shapiq_adapter.check_name(estimator)
+    elif estimator not in {e.value for e in Estimator}:
+        raise UsageError(f"--estimator {estimator!r} is not one of {', '.join(e.value for e in Estimator)}, "
+                         f"or shapiq:NAME ({'|'.join(shapiq_adapter.APPROXIMATORS)})")
+    return estimator
 
 
 def estimate(method: str, game: CachedGame, budget: int, estimator: str, seed: int, level: int,
@@ -59,8 +76,14 @@ def estimate(method: str, game: CachedGame, budget: int, estimator: str, seed: i
         return estimators.ablation(game)
     if method == "window":
         return estimators.window(game, level)
-    if estimator == "permutation":
+    if estimator.startswith(shapiq_adapter.PREFIX):
+        return shapiq_adapter.approximate(game, budget, seed, estimator)
+    if estimator == Estimator.permutation.value:
         return estimators.permutation(game, budget, seed)
+    if estimator == Estimator.ramc.value:
+        return estimators.ramc(game, budget, seed)
+    if estimator == Estimator.ramc_kadd.value:
+        return estimators.ramc(game, budget, seed, surrogate="kadd")
     return estimators.regression(game, budget, seed, bootstrap=bootstrap)
 
 
