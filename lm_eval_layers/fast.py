@@ -37,25 +37,16 @@ class PreparedTasks:
         self.docs: dict[str, dict[int, dict]] = {}
         self.requests: list[Request] = []
         self.keys: list[tuple[str, int, int]] = []  # (task, doc_id, choice index) of each request
+        instances = []
         for name, task in self.tasks.items():
             if task.OUTPUT_TYPE not in SUPPORTED:
-                raise UnsupportedTask(f"task {name} is {task.OUTPUT_TYPE}; the fast path scores loglikelihood and multiple_choice tasks")
+                raise UnsupportedTask(f"task {name} is {task.OUTPUT_TYPE}; prepared requests score loglikelihood and multiple_choice tasks")
             task.build_all_requests(limit=limit, rank=0, world_size=1)
-            self.docs[name] = {}
-            for inst in task.instances:
-                self.docs[name][inst.doc_id] = inst.doc
-                ctx, cont = self._encode(lm, *inst.args)
-                self.requests.append(Request.from_tokens(ctx, cont, lm.max_length))
-                self.keys.append((name, inst.doc_id, inst.idx))
+            self.docs[name] = {inst.doc_id: inst.doc for inst in task.instances}
+            instances += task.instances
+            self.keys += [(name, inst.doc_id, inst.idx) for inst in task.instances]
+        self.requests = [Request.from_tokens(ctx, cont, lm.max_length) for ctx, cont in _encoded(lm, instances)]
         self.batches = make_batches(self.requests, batch_size, max_batch_tokens, attention_window(lm.model.config))
-
-    @staticmethod
-    def _encode(lm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's own tokenisation of a request (HFLM.loglikelihood)."""
-        if context == "":
-            cont = lm.tok_encode(continuation)
-            return ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
-        return lm._encode_pair(context, continuation)
 
 
 class FastEvaluator:
@@ -117,6 +108,24 @@ class FastEvaluator:
         for (task, doc_id, idx), res in zip(self.prepared.keys, self.loglikelihoods(plan)):
             by_doc.setdefault((task, doc_id), []).append((idx, res))
         return {k: [res for _, res in sorted(v)] for k, v in by_doc.items()}
+
+
+def _encoded(lm: Any, instances: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's own tokenisation of loglikelihood requests: `lm.loglikelihood` runs with its
+    scoring step replaced by a recorder, so lm-eval's rules (empty contexts, whitespace, special
+    tokens) are used as they are, never restated here."""
+    recorded: list[tuple[Any, list[int], list[int]]] = []
+
+    def record(requests: list, **_kwargs: Any) -> list[tuple[float, bool]]:
+        recorded.extend(requests)
+        return [(0.0, False)] * len(requests)
+
+    lm._loglikelihood_tokens = record  # an instance attribute shadows the method for this call
+    try:
+        lm.loglikelihood(instances, disable_tqdm=True)
+    finally:
+        del lm._loglikelihood_tokens
+    return [(ctx, cont) for _, ctx, cont in recorded]
 
 
 @contextlib.contextmanager
