@@ -161,3 +161,76 @@ def test_every_estimator_terminates_for_any_budget(estimator):
     for budget in range(0, 10):
         est = _finishes(20, lambda: estimate("shapley", CachedGame(small), budget, estimator, budget, 3))
         assert est.values.shape == (3,) and np.all(np.isfinite(est.values))
+
+
+def test_tree_surrogate_shapley_values_are_exact_for_the_trees():
+    """The closed form per leaf equals enumeration of the fitted trees as a game."""
+    rng = np.random.default_rng(0)
+    X = rng.random((200, 7)) < 0.5
+    y = CornerstoneGame(weights(7), [0, 1])(X) + rng.normal(0, 0.01, 200)
+    trees = E._Trees(trees=20, depth=3).fit(X, y)
+    np.testing.assert_allclose(trees.shapley(7), E.exact(CachedGame(trees.predict, 7)).values, atol=1e-12)
+
+
+def test_kadditive_surrogate_shapley_values_are_exact_for_the_surrogate():
+    rng = np.random.default_rng(1)
+    X = rng.random((300, 7)) < 0.5
+    f = E._KAdditive(hub=2).fit(X, rng.normal(size=300))
+    np.testing.assert_allclose(f.shapley(7), E.exact(CachedGame(f.predict, 7)).values, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [12, 16])
+def test_ramc_is_accurate_efficient_and_exact_where_its_surrogate_fits(n):
+    game = CornerstoneGame(weights(n), [0, 1])
+    truth = E.exact(CachedGame(game)).values
+    ests = [E.ramc(CachedGame(game), 400, s) for s in range(5)]
+    assert np.median([rel_err(e.values, truth) for e in ests]) < 0.04
+    assert all(abs(e.efficiency_gap) < 1e-12 and e.evaluations <= 400 for e in ests)
+    quad = quadratic(n)  # its odd part is additive, which the 3-additive surrogate fits
+    assert rel_err(E.ramc(CachedGame(quad), 200, 0, surrogate="kadd").values, quad.shapley) < 1e-3
+
+
+def test_ramc_intervals_cover_the_truth_on_a_noisy_game():
+    game = NoisyGame(CornerstoneGame(weights(12), [0]), sigma=0.002)
+    truth = E.exact(CachedGame(game)).values
+    cover = []
+    for seed in range(10):
+        est = E.ramc(CachedGame(game), 300, seed)
+        assert est.extra["df"] == est.extra["pairs"] - 1
+        lo, hi = est.ci()
+        cover.append(np.mean((truth >= lo) & (truth <= hi)))
+    assert 0.85 <= np.mean(cover) <= 1.0
+
+
+def test_ramc_coalitions_at_a_smaller_budget_are_among_those_at_a_larger():
+    from lm_eval_layers.importance.scoring import planned_coalitions
+
+    small, large = planned_coalitions(16, "shapley", 200, "ramc", 4, 0), planned_coalitions(16, "shapley", 500, "ramc", 4, 0)
+    assert set(small) <= set(large) and len(small) == 200 and len(large) == 500
+
+
+def test_shapiq_approximators_through_the_adapter():
+    pytest.importorskip("shapiq")
+    from lm_eval_layers.importance.scoring import planned_coalitions
+
+    game = CornerstoneGame(weights(10), [0, 1])
+    truth = E.exact(CachedGame(game)).values
+    for name in ("kernelshap", "svarm"):
+        cached = CachedGame(game)
+        est = estimate("shapley", cached, 120, f"shapiq:{name}", 0, 3)
+        assert est.values.shape == (10,) and cached.evaluations <= 120 and rel_err(est.values, truth) < 0.5
+        # shapiq picks coalitions without looking at values, as the distributed split needs
+        assert set(planned_coalitions(10, "shapley", 120, f"shapiq:{name}", 0, 3)) == set(cached.values)
+
+
+def test_a_missing_shapiq_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from lm_eval_layers.errors import UsageError
+    from lm_eval_layers.importance.scoring import check_estimator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shapiq" else real(name, *a))
+    with pytest.raises(UsageError, match=r"needs shapiq: pip install lm-eval-layers\[shapiq\]"):
+        check_estimator("shapiq:kernelshap")
+    assert check_estimator("ramc") == "ramc"

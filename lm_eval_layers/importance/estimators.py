@@ -310,7 +310,8 @@ class _Trees:
 class _KAdditive:
     """The odd part of a 3-additive game: z_i and z_i z_j z_k in z = 2x − 1 (the odd part of
     Möbius terms of degree ≤ 3), with the triples limited to those containing a hub (the unit
-    whose removal costs most), ridge-regularised."""
+    whose removal costs most), ridge-regularised. The triples join only when there are at least
+    as many fitted pairs as terms: an underdetermined fit extrapolates wildly (measured)."""
 
     def __init__(self, hub: int, ridge: float = 1e-3) -> None:
         self.hub, self.ridge = hub, ridge
@@ -322,7 +323,9 @@ class _KAdditive:
     def fit(self, X: np.ndarray, y: np.ndarray) -> "_KAdditive":
         n = X.shape[1]
         others = [i for i in range(n) if i != self.hub]
-        self.triples = np.array([(self.hub, i, j) for i, j in combinations(others, 2)], dtype=int).reshape(-1, 3)
+        triples = [(self.hub, i, j) for i, j in combinations(others, 2)]
+        enough = len(y) // 2 >= n + len(triples)  # rows come as (S, o) and (N∖S, −o)
+        self.triples = np.array(triples if enough else [], dtype=int).reshape(-1, 3)
         F = self._features(X)
         self.coef = np.linalg.solve(F.T @ F + self.ridge * np.eye(F.shape[1]), F.T @ y)
         return self
