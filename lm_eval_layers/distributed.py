@@ -1,10 +1,11 @@
 """Coalition evaluations split across processes started by `torchrun` or `accelerate launch`.
 
 Every estimator chooses its coalitions without looking at their values, so the whole list is
-known before the first evaluation. Each process holds a replica of the model and takes every
-W-th coalition; after each round the scores are gathered to rank 0, which commits them to the
-one SQLite store (a killed run resumes from the last round). Rank 0 then runs the estimator
-on stored values only. With one process this is the same loop without communication.
+known before the first evaluation (with `--tol`, the list of each stop-rule round; rank 0's
+decision to stop is broadcast after it). Each process holds a replica of the model and takes
+every W-th coalition; after each step of W the scores are gathered to rank 0, which commits
+them to the one SQLite store (a killed run resumes from the last step). Rank 0 then runs the
+estimator on stored values only. With one process this is the same loop without communication.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
 - `regression`: paired KernelSHAP with sizes drawn uniformly (leverage weights) and per-size
   stratified weights, ∅, N and all size-1 / size-(n−1) coalitions when the budget allows, solved
   under Σφ = v(N) − v(∅); bootstrap over sampled pairs.
+- `ramc`: regression-adjusted Monte Carlo: exact Shapley values of a surrogate (boosted trees,
+  or a 3-additive game) fitted to the game's odd part, plus an unbiased, cross-fitted Monte
+  Carlo estimate of the residual's; t-intervals across complementary pairs.
 - `window`: the local "efficient sampling" heuristic of "Investigating Layer Importance in Large Language Models", reproduced for comparison.
 - `ablation`: leave-one-out, v(N) − v(N∖{i}).
 """
@@ -54,7 +57,8 @@ def _quantile(level: float, df: int | None) -> float:
     return float(stats.t.ppf(q, df) if df else stats.norm.ppf(q))
 
 
-def _ends(game: CachedGame) -> tuple[float, float]:
+def end_values(game: CachedGame) -> tuple[float, float]:
+    """v(∅) and v(N), which every estimator reports."""
     n = game.n
     v = game(np.array([np.zeros(n, bool), np.ones(n, bool)]))
     return float(v[0]), float(v[1])
@@ -96,7 +100,7 @@ def permutation(game: CachedGame, budget: int, seed: int = 0, antithetic: bool =
     if enumerable(n, budget):
         return _exact_as(method, game)
     rng = np.random.default_rng(seed)
-    v_empty, v_full = _ends(game)
+    v_empty, v_full = end_values(game)
     samples: list[np.ndarray] = []
     while len(samples) < max(budget, 1):  # the first order is walked even past a tiny budget
         order = rng.permutation(n)
@@ -140,7 +144,7 @@ def regression(game: CachedGame, budget: int, seed: int = 0, bootstrap: int = 20
     if enumerable(n, budget):
         return _exact_as("regression", game)
     rng = np.random.default_rng(seed)
-    v_empty, v_full = _ends(game)
+    v_empty, v_full = end_values(game)
     total = v_full - v_empty
     bits = 1 << np.arange(n, dtype=np.int64)
     # Like KernelSHAP, whole size strata are enumerated from the extremes (1 and n-1, then 2 and
@@ -199,7 +203,7 @@ def window(game: CachedGame, level: int = 3) -> Estimate:
     v(N∖W) − v(N∖(W∪{i})) for every contiguous window W (length ≤ level−1) that i extends at
     its left or right edge. Not Shapley-weighted; shipped to reproduce their numbers."""
     n = game.n
-    v_empty, v_full = _ends(game)
+    v_empty, v_full = end_values(game)
     full = np.ones(n, bool)
 
     def removed(units: list[int]) -> np.ndarray:
@@ -226,7 +230,7 @@ def window(game: CachedGame, level: int = 3) -> Estimate:
 def ablation(game: CachedGame) -> Estimate:
     """Leave-one-out: v(N) − v(N∖{i})."""
     n = game.n
-    v_empty, v_full = _ends(game)
+    v_empty, v_full = end_values(game)
     rows = ~np.eye(n, dtype=bool)
     phi = v_full - game(rows)
     return Estimate("ablation", phi, np.zeros(n), game.evaluations, v_empty, v_full)

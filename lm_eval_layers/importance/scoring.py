@@ -4,7 +4,9 @@ uncertainty from the stored per-example scores, and build the documented scores.
 scores.json (schema `lm-eval-layers/scores/v1`): model, model_type, num_layers, unit, method,
 estimator, metric, tasks, limit, budget, evaluations (coalitions used), seed, v_empty, v_full,
 chance (accuracy of guessing, when defined), efficiency {sum_phi, v_full_minus_v_empty, gap},
-and `units`: one entry per unit in unit order with name, index, value, stderr, ci_low, ci_high
+new_evaluations, reused, evaluations_per_process; with `--tol` also tol, stop_reason
+("tolerance" or "budget"), rounds (the round reported), rounds_planned, round_budget and
+widest_half_width (of the coalition-sampling 95% intervals at that round); and `units`: one entry per unit in unit order with name, index, value, stderr, ci_low, ci_high
 (coalition-sampling error), sample_stderr, sample_ci_low, sample_ci_high (bootstrap over
 examples), rank (1 = most important).
 """

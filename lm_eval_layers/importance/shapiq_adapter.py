@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.importance.estimators import Estimate, _ends
+from lm_eval_layers.importance.estimators import Estimate, end_values
 from lm_eval_layers.importance.games import CachedGame
 
 PREFIX = "shapiq:"
@@ -76,7 +76,7 @@ def approximate(game: CachedGame, budget: int, seed: int, estimator: str) -> Est
             import lightgbm  # noqa: F401  (ProxySPEX's surrogate)
         except ImportError:
             raise UsageError("shapiq:proxyspex needs lightgbm: pip install lm-eval-layers[shapiq]") from None
-    v_empty, v_full = _ends(game)
+    v_empty, v_full = end_values(game)
     approximator = getattr(shapiq, cls)(n=game.n, random_state=seed, **options)
     values = approximator.approximate(budget, as_shapiq_game(game))
     phi = np.array([values[(i,)] for i in range(game.n)], dtype=float)
