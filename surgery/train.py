@@ -4,21 +4,16 @@ this module holds the command's options, so importing the CLI stays cheap."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-class TrainDType(str, Enum):
-    float32 = "float32"  # the CPU default: bf16 backward is many times slower on CPUs without AMX
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+from surgery.options import DType, ModelArg, console, user_errors
 
 
 def train(
-    model: str = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"),
+    model: str = ModelArg,
     data: str = typer.Option(..., "--data", help=".jsonl/.json/.parquet file or hub dataset id: messages, prompt/completion, Alpaca or text records"),
     out: Path = typer.Option(..., "--out", help="output folder (must not exist or be empty, unless --force); work goes to OUT.partial/"),
     layers: Optional[str] = typer.Option(None, "--layers", help="blocks to train, plan syntax: 0-7, 3;5-7, -1"),
@@ -42,7 +37,7 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps"),
     seed: int = typer.Option(0, "--seed"),
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="held-out share of the data, e.g. 0.1 (its loss is reported)"),
-    dtype: TrainDType = typer.Option(TrainDType.float32, "--dtype", help="training dtype (the output keeps the input's dtype)"),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="training dtype; float32 on CPU (the bf16 backward is far slower there); the output keeps the input's dtype"),
     save_steps: int = typer.Option(50, "--save-steps", help="checkpoint every N steps (what --resume continues from)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint in OUT.partial/"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out; discard an interrupted run"),
@@ -53,7 +48,6 @@ def train(
     from transformers.utils import logging as hf_logging
 
     from lm_eval_layers.training.run import TrainOptions, train as run
-    from surgery.cli import console, user_errors
 
     hf_logging.disable_progress_bar()  # our own bar shows steps, loss and tokens/s
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
