@@ -206,6 +206,15 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
     assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
 
 
+def test_a_run_that_cannot_fit_on_disk_is_refused_before_writing(tiny_llama_dir, qa_data, tmp_path, monkeypatch):
+    import surgery.sources
+
+    monkeypatch.setattr(surgery.sources, "free_bytes", lambda folder: 1000)
+    with pytest.raises(UsageError, match="not enough free disk space in .*: this run needs about"):
+        run(tiny_llama_dir, qa_data, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def ila_file(path: Path, unit: str, ranked: list[tuple[int, str]], depth: int = 6) -> Path:
     """A minimal ila.json (the fields `--layers-from` reads) ranking the given units first."""
     from lm_eval_layers.training.ila_report import SCHEMA

@@ -183,6 +183,26 @@ def plain_folder(source: Any, dest: Path) -> Path:
     return dest
 
 
+def check_disk(options: TrainOptions, work: Work, source: Any) -> None:
+    """Refuse a run that cannot finish writing: the output, a dequantised GGUF, and the Trainer's
+    checkpoints (two at a time while one replaces the other; full fine-tuning keeps weights plus
+    Adam's two moments, LoRA only the adapter)."""
+    from surgery.sources import free_bytes
+
+    model = sum(info.nbytes for info in source.infos.values())
+    fp32 = 4 * sum(info.nbytes // info.dtype.itemsize for info in source.infos.values())
+    checkpoints = 0.1 * fp32 if options.lora else 3 * fp32
+    needed = model + (fp32 if source.folder is None else 0) + 2 * checkpoints
+    folder = work.root.parent
+    while not folder.exists():
+        folder = folder.parent
+    if free_bytes(folder) < needed:
+        raise UsageError(
+            f"not enough free disk space in {folder}: this run needs about {needed / 1e9:.1f} GB (output and checkpoints), "
+            f"{free_bytes(folder) / 1e9:.1f} GB are free; free some space or choose another --out"
+        )
+
+
 def load_tokenizer(source: Any) -> Any:
     import transformers
 
@@ -219,6 +239,8 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     train_set, eval_set = D.split(examples, options.eval_fraction, options.seed)
     if len(train_set) < options.batch_size:
         raise UsageError(f"{len(train_set)} training examples are fewer than --batch-size {options.batch_size}; lower it")
+
+    check_disk(options, work, source)
 
     args = training_arguments(options, work)
     main = args.process_index == 0
