@@ -366,7 +366,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
 
     state = trainer.state
     tokens = state.num_input_tokens_seen
-    session_tokens = tokens - trainer._initial_num_input_tokens_seen
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # tokens of earlier sessions (resume)
     log = {
         "model": options.model, "data": options.data, "format": fmt.value, "out": str(options.out),
         "selection": selection.description, "blocks": list(selection.blocks),
