@@ -354,6 +354,12 @@ def _resolve_index(name: str, i: int, n: int) -> int:
     return i % n
 
 
+def parse_indices(name: str, spec: Any, num_layers: int) -> list[int]:
+    """Block indices in the plan's syntax (`0-7`, `3;5-7`, `-1`) resolved against a depth: what
+    selections outside a plan (e.g. the blocks `surgery train` trains) use."""
+    return _resolve(name, _parse_ranges(name, spec), num_layers)
+
+
 def _resolve(name: str, ranges: tuple[Range, ...], n: int) -> list[int]:
     seen: list[int] = []
     for start, end in ranges:

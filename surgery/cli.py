@@ -6,6 +6,7 @@ train chosen layers.
     surgery expand MODEL --insert SPEC | --preset slayer | --preset llama-pro:K [--drop SPEC] --out DIR
     surgery score  MODEL --method shapley|exact|ablation|window|angular|bi ...   (surgery/score.py)
     surgery train  MODEL --data DATA --out DIR ...                              (surgery/train.py)
+    surgery ila    MODEL --data DATA --out ila.json | compare A.json B.json ...  (surgery/ila.py)
 
 Plans use the `layered` plugin's syntax and the same parser, so a written checkpoint is exactly
 the variant `lm_eval --model layered` evaluates. User mistakes print one line and exit with 2

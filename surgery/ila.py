@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from lm_eval_layers.training.gates import UnitKind
-from surgery.options import DType, ModelArg
+from surgery.options import DType, ModelArg, console, quiet_training_logs, user_errors
 
 
 class _RunByDefault(TyperGroup):
@@ -55,18 +55,13 @@ def run(
     force: bool = typer.Option(False, "--force", help="replace an existing --out / --plot"),
 ) -> None:
     """Rank the weight matrices (or blocks) a fine-tune on DATA needs: LoRA, then gates σ(s) on its updates."""
-    import warnings
-
     from rich.console import Console
-    from transformers.utils import logging as hf_logging
 
     from lm_eval_layers.training import ila_report
     from lm_eval_layers.training.ila import ILASettings
     from lm_eval_layers.training.ila_run import run as run_ila
-    from surgery.cli import console, user_errors
 
-    hf_logging.disable_progress_bar()  # our own bar shows steps, loss and tokens/s
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
+    quiet_training_logs()
     with user_errors():
         settings = ILASettings(
             rank=rank, alpha=lora_alpha, lr=lr, epsilon=epsilon, patience=patience, window=window, max_steps=max_steps,
@@ -90,7 +85,6 @@ def compare(
     from lm_eval_layers.errors import UsageError
     from lm_eval_layers.importance.scoring import SCHEMA as SCORES_SCHEMA
     from lm_eval_layers.training import ila_compare, ila_report
-    from surgery.cli import console, user_errors
 
     with user_errors():
         runs, scores = [], []

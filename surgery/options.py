@@ -35,3 +35,14 @@ def user_errors() -> Iterator[None]:
 
 
 ModelArg = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)")
+
+
+def quiet_training_logs() -> None:
+    """Our own progress bar shows steps, loss and tokens/s: silence transformers' bars and a
+    deprecation warning PEFT triggers on every step."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from surgery.options import DType, ModelArg, console, user_errors
+from surgery.options import DType, ModelArg, console, quiet_training_logs, user_errors
 
 
 def train(
@@ -43,14 +43,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out; discard an interrupted run"),
 ) -> None:
     """Fine-tune chosen blocks: new blocks after `surgery expand`, the top layers, or heal a pruned model."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
     from lm_eval_layers.training.run import TrainOptions, train as run
 
-    hf_logging.disable_progress_bar()  # our own bar shows steps, loss and tokens/s
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside PEFT
+    quiet_training_logs()
     with user_errors():
         options = TrainOptions(
             model=model, data=data, out=out, layers=layers, freeze_bottom=freeze_bottom, new_blocks=new_blocks,

@@ -4,5 +4,6 @@ weights or LoRA, optionally by distillation) and `surgery ila` (which matrices a
 `data` turns records into response-labelled examples, `selection` decides what trains (by block
 index through the architecture layouts, or an ILA run's top units), `distill` is the teacher
 loss, `run` drives a run and writes its output folder, `report` is its progress bar, log, plot
-and model card; `gates`, `ila` and `ila_report` are ILA's gates, stages and output file.
+and model card; `gates`, `ila`, `ila_run`, `ila_report` and `ila_compare` are ILA's gates, stages, command body,
+output file and comparisons.
 """

@@ -28,7 +28,7 @@ from torch import nn
 
 from lm_eval_layers.arch import Layout
 from lm_eval_layers.errors import PlanError, SelectionError
-from lm_eval_layers.plan import _parse_ranges, _resolve, format_indices
+from lm_eval_layers.plan import format_indices, parse_indices
 
 NEW_PARAMS_FILE = "new_parameters.json"
 
@@ -122,7 +122,7 @@ def parse_share(text: str) -> float:
 def block_indices(option: str, spec: str, num_blocks: int) -> list[int]:
     """A plan-syntax index list resolved against the depth (negatives count from the end)."""
     try:
-        return _resolve(option, _parse_ranges(option, spec), num_blocks)
+        return parse_indices(option, spec, num_blocks)
     except PlanError as e:
         raise SelectionError(str(e)) from None
 
