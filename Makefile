@@ -23,7 +23,7 @@ demo: install
 	$(RUN_ENV) $(PY) -m lm_eval_layers.demo
 
 test: install
-	$(RUN_ENV) $(PY) -m pytest -q
+	$(RUN_ENV) $(PY) -m pytest -q --durations=15
 
 # The fast unit tests only: no real model, no training, no subprocesses.
 test-quick: install

@@ -76,7 +76,11 @@ def make_model(arch: str, seed: int = 0, **overrides) -> T.PreTrainedModel:
     return model.eval()
 
 
-@pytest.fixture(params=ARCHS)
+# `make test-quick` runs the per-family tests on these; `make test` on every family.
+QUICK_FAMILIES = ("llama", "gpt2", "mixtral")
+
+
+@pytest.fixture(params=[pytest.param(a, marks=() if a in QUICK_FAMILIES else pytest.mark.slow) for a in ARCHS])
 def arch(request) -> str:
     return request.param
 

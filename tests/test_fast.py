@@ -45,6 +45,7 @@ def slow(setup):
         yield Evaluator(lm, SUITE, manager, limit=4, prepared=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", PLANS, ids=[str(p) for p in PLANS])
 def test_fast_path_matches_lm_eval(fast, slow, kwargs, local_data):
     plan = PlanSpec.from_args(**kwargs).resolve(6)
@@ -80,6 +81,7 @@ def test_prefix_reuse_runs_only_the_blocks_after_the_first_change(fast):
     assert fast.engine.blocks_run == 0  # the full model's results are kept
 
 
+@pytest.mark.slow
 def test_rolling_tasks_fall_back_to_lm_eval_and_say_why(setup, local_data):
     lm, manager = setup
     evaluator = Evaluator(lm, ["wikitext_local"], manager, limit=1)
@@ -103,6 +105,7 @@ def _token_requests(seed: int, count: int = 40) -> list:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", [{}, {"drop_attn": 0, "drop": 3}, {"insert": "1:copy"}], ids=["full", "drop_attn0+drop3", "copy1"])
 def test_shared_context_loglikelihoods_equal_hf_on_every_family(arch, plan, tokenizer_dir):
     """`layered`'s fast loglikelihood (padded context batches, explicit positions, one context

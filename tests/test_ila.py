@@ -189,6 +189,7 @@ def planted_teacher(seed: int, sharpen: float = 20.0, scale: float = 2.0, sample
     return base, {f"{i}.{rel}" for i, rel in planted}, examples, [f"{i}.{rel}" for i, rel in units]
 
 
+@pytest.mark.slow
 def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
     from math import comb
 
@@ -234,6 +235,7 @@ def ila_file(model: Path, data: Path, out: Path, plot: Path | None = None, **set
     return ila_run(str(model), str(data), out, plot, ILASettings(**{**SHORT, **settings}), Console(quiet=True))
 
 
+@pytest.mark.slow
 def test_same_seed_and_data_give_the_same_ila_json(tiny_llama_dir, qa_data, tmp_path):
     a = ila_file(tiny_llama_dir, qa_data, tmp_path / "a.json", tmp_path / "a.png", seed=3)
     b = ila_file(tiny_llama_dir, qa_data, tmp_path / "b.json", seed=3)
@@ -314,6 +316,7 @@ def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_runs_and_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path):
     short = ["--max-steps", "4", "--gate-steps", "2", "--batch-size", "4", "--max-length", "64"]
     proc = surgery("ila", str(tiny_llama_dir), "--data", str(qa_data), "--out", "ila.json", "--plot", "ila.png",

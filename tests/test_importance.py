@@ -77,6 +77,7 @@ def test_example_columns_of_a_real_document(local_data):
     assert columns == {"acc": 1.0, "acc_norm": 0.0, "loglik": -1.0, "margin": 1.5, "chance": 1 / 4}
 
 
+@pytest.mark.slow
 def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, local_data):
     out = tmp_path / "scores.json"
     result = CliRunner().invoke(app, score_args(tiny4, out, "--method", "exact", "--plot", str(tmp_path / "s.png")))
@@ -107,6 +108,7 @@ def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, lo
     assert values[key(np.array([1, 0, 1, 0], bool))] == pytest.approx(np.mean(ll), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path, local_data):
     env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
     args = ["--method", "shapley", "--estimator", "permutation", "--budget", "24", "--seed", "3"]
@@ -171,6 +173,7 @@ def test_scores_from_another_model_are_refused(tiny_llama_dir, tmp_path):
         read_scores(tmp_path / "nope.json")
 
 
+@pytest.mark.slow
 def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
     for method in ("angular", "bi"):
         out = tmp_path / f"{method}.json"
@@ -210,6 +213,7 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_path, local_data):
     """`torchrun` with two CPU processes (gloo): each evaluates its share of the coalitions,
     rank 0 stores all of them and reports the values of a single-process run."""
@@ -237,6 +241,7 @@ def test_two_processes_split_the_coalitions_into_one_store(tiny_llama_dir, tmp_p
     assert proc.stdout.count("shapley (permutation) of") == 1  # one table, from rank 0
 
 
+@pytest.mark.slow
 def test_defaults_work_from_any_directory(tiny_llama_dir, tmp_path):
     """A new user's first command, run outside the repository with no --include-path: the
     shipped tasks are found; a model path that does not exist is one line, exit 2."""
@@ -252,6 +257,7 @@ def test_defaults_work_from_any_directory(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_sampling_on_a_model_with_few_coalitions_finishes(tiny4, tmp_path, local_data):
     """4 blocks have 16 coalitions: a budget of 60 buys the exact values (once every coalition
     is cached, sampling more orders costs nothing, so it must not be what ends the run)."""
@@ -266,6 +272,7 @@ def test_sampling_on_a_model_with_few_coalitions_finishes(tiny4, tmp_path, local
     assert [u["value"] for u in scores["units"]] == pytest.approx([u["value"] for u in json.loads(exact.read_text())["units"]], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_tol_stops_on_rank_0_and_resume_and_two_processes_keep_the_round(tiny_llama_dir, tmp_path, local_data):
     """`--tol`: rounds planned up front, the stop decided on rank 0 after a round and broadcast.
     A loose tolerance is met at once, so the run stops after the minimum number of rounds; a

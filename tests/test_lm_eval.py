@@ -35,6 +35,7 @@ def sample_scores(results: dict, task: str) -> list:
     return [(s["doc_id"], s["resps"]) for s in results["samples"][task]]
 
 
+@pytest.mark.slow
 def test_empty_plan_matches_hf(tiny_llama_dir, local_data):
     """Shared contexts give hf's log-likelihoods to float rounding and the same metrics;
     fast=False is hf's own loop, bit for bit."""
@@ -56,6 +57,7 @@ def test_empty_plan_matches_hf(tiny_llama_dir, local_data):
     assert slow["results"] == hf["results"]
 
 
+@pytest.mark.slow
 def test_simple_evaluate_with_a_plan_changes_scores(tiny_llama_dir, local_data):
     base = evaluate("layered", {"pretrained": str(tiny_llama_dir), "dtype": "float32"})
     pruned = evaluate("layered", f"pretrained={tiny_llama_dir},dtype=float32,drop=1;3")
@@ -102,6 +104,7 @@ def test_bad_plan_fails_before_weights_are_read(tiny_llama_dir, tmp_path):
         LayeredLM(pretrained=str(broken), insert="1:mean", device="cpu")
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_console_script_runs_layered(tiny_llama_dir, local_data, tmp_path):
     script = Path(sys.executable).with_name("lm_eval")
     out = tmp_path / "results"
@@ -146,6 +149,7 @@ OFFLOAD_PLANS = [{"drop": "1;3"}, {"drop_attn": 3, "drop_mlp": 4}, {"insert": "2
                  {"preset": "llama-pro:2"}, {"insert": "2:avg", "drop": 5}]
 
 
+@pytest.mark.slow
 def test_parallelize_with_offloaded_blocks_keeps_plans_exact(tiny_llama_dir, tmp_path):
     """`parallelize=True` puts the model under an accelerate device map; with too little memory
     most blocks are offloaded to disk and run through accelerate's hooks. Every kind of slot —

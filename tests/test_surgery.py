@@ -277,6 +277,7 @@ def test_bad_dtype_is_a_usage_error():
     assert result.exit_code == 2 and "int4" in result.output
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points(tmp_path):
     script = Path(sys.executable).with_name("surgery")
     for cmd in ([str(script)], [sys.executable, "-m", "surgery"]):

@@ -206,6 +206,7 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
     assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_writing(tiny_llama_dir, qa_data, tmp_path, monkeypatch):
     import surgery.sources
 
@@ -249,6 +250,7 @@ def test_top_units_of_an_ila_file(tmp_path):
 # training runs
 
 
+@pytest.mark.slow
 def test_new_blocks_train_alone(expanded, qa_data, tmp_path):
     """LLaMA-Pro: only the inserted blocks change; everything else keeps its exact bytes."""
     out = tmp_path / "trained"
@@ -271,6 +273,7 @@ def test_new_blocks_train_alone(expanded, qa_data, tmp_path):
     assert "new blocks 3,7" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_lora_on_blocks_2_3_merged_and_as_adapter(tiny_llama_dir, qa_data, tmp_path, local_data):
     """Merged LoRA leaves other blocks byte-identical; the adapter on the base scores like the merged folder."""
     import lm_eval
@@ -307,6 +310,7 @@ def test_lora_on_blocks_2_3_merged_and_as_adapter(tiny_llama_dir, qa_data, tmp_p
     assert planned == pytest.approx(scores("hf", {"pretrained": str(pruned), "dtype": "float32"}), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
     """GPT-2 keeps its projections in transposed Conv1D modules; LoRA merges into them correctly."""
     from peft import PeftModel
@@ -333,6 +337,7 @@ def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ila_matrices_train_alone(tiny_llama_dir, qa_data, tmp_path):
     """Matrix units: exactly those weight matrices change, with full weights and with merged LoRA."""
     ranked = [(1, "self_attn.q_proj"), (4, "mlp.down_proj"), (4, "self_attn.v_proj"), (0, "mlp.up_proj")]
@@ -357,6 +362,7 @@ class StopAt(TrainerCallback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_llama_dir, qa_data, tmp_path):
     options = dict(lora=4, lora_dropout=0.1, layers="1-4", lr=5e-3, max_steps=6, save_steps=3, seed=3)
     whole = tmp_path / "whole"
@@ -378,6 +384,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_llama_dir, qa_d
     assert not (tmp_path / "resumed.partial").exists()
 
 
+@pytest.mark.slow
 def test_distillation_from_the_unpruned_model(tiny_llama_dir, qa_data, tmp_path):
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[D.IGNORE, D.IGNORE, 3, 4, 5], [D.IGNORE, 1, 2, D.IGNORE, D.IGNORE]])
@@ -397,6 +404,7 @@ def test_distillation_from_the_unpruned_model(tiny_llama_dir, qa_data, tmp_path)
     assert T.AutoConfig.from_pretrained(out).num_hidden_layers == 4
 
 
+@pytest.mark.slow
 def test_gguf_model_trains_after_dequantising(qa_data, tmp_path):
     """The embedded SmolLM2 (GGUF): dequantised to fp32 safetensors in the work folder, then trained."""
     out = tmp_path / "smol"
@@ -419,6 +427,7 @@ def cli(*args: str, cwd: Path, launcher: tuple[str, ...] = ()) -> subprocess.Com
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path):
     unknown = tmp_path / "rows.jsonl"
     unknown.write_text('{"question": "q", "answer": "a"}\n')
@@ -434,6 +443,7 @@ def test_cli_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_single_process_weights(tiny_llama_dir, qa_data, tmp_path):
     """torchrun, 2 CPU processes (gloo), batch 2 each = 1 process with batch 4: same weights."""
     common = ["--data", str(qa_data), "--layers", "1-4", "--max-steps", "3", "--max-length", "64", "--lr", "1e-2", "--seed", "1"]
@@ -454,6 +464,7 @@ def test_two_processes_reach_the_single_process_weights(tiny_llama_dir, qa_data,
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_trained_folder_scores_the_same_in_stock_lm_eval_hf_and_layered(tiny_llama_dir, qa_data, tmp_path, local_data):
     import lm_eval
     from lm_eval.tasks import TaskManager
