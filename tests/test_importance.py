@@ -302,3 +302,29 @@ def test_tol_stops_on_rank_0_and_resume_and_two_processes_keep_the_round(tiny_ll
     assert (b["stop_reason"], b["rounds"], b["evaluations"]) == (a["stop_reason"], a["rounds"], a["evaluations"])
     assert min(b["evaluations_per_process"]) > 0
     assert [u["value"] for u in b["units"]] == pytest.approx([u["value"] for u in a["units"]], abs=5e-5)
+
+
+@pytest.mark.slow
+def test_the_store_answers_only_for_the_model_files_and_settings_that_produced_it(tiny4, tmp_path, local_data):
+    """`--resume` reuses stored coalitions of the same model, dtype, tasks and limit only: another
+    model, a model folder retrained in place, or another --limit are evaluated afresh."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny4, model)
+    out = tmp_path / "s.json"
+    runner = CliRunner()
+
+    def run(*extra: str) -> dict:
+        result = runner.invoke(app, [*score_args(model, out, "--method", "ablation", "--resume"), *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())
+
+    first = run()
+    assert first["reused"] == 0 and first["new_evaluations"] == 6  # v(N), v(∅) and four leave-one-out variants
+    assert run()["reused"] == 6  # the same model and settings: all reused
+    assert run("--limit", "2")["reused"] == 0  # another document limit
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
+    again = run()
+    assert again["reused"] == 0 and again["new_evaluations"] == 6
