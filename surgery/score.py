@@ -38,7 +38,7 @@ def score(
     budget: int = typer.Option(400, "--budget", help="coalition evaluations for --method shapley"),
     estimator: str = typer.Option(DEFAULT_ESTIMATOR.value, "--estimator",
                                   help=f"Shapley estimator: {'|'.join(e.value for e in Estimator)}, or shapiq:NAME (optional extra)"),
-    tol: Optional[float] = typer.Option(None, "--tol", help="stop once the widest 95%% coalition-sampling half-width is ≤ TOL (or the budget is spent)"),
+    tol: Optional[float] = typer.Option(None, "--tol", help="stop once the widest 95% coalition-sampling half-width is ≤ TOL (or the budget is spent)"),
     seed: int = typer.Option(0, "--seed"),
     level: int = typer.Option(3, "--level", help="window length for --method window"),
     position: Position = typer.Option(Position.last, "--position", help="angular distance at the last token or all tokens"),
