@@ -76,6 +76,15 @@ def make_model(arch: str, seed: int = 0, **overrides) -> T.PreTrainedModel:
     return model.eval()
 
 
+@pytest.fixture
+def no_grad():
+    """Inference-only test modules use this (`pytestmark = pytest.mark.usefixtures("no_grad")`):
+    a module-level `torch.set_grad_enabled(False)` would switch autograd off for the whole
+    session, training tests included, since pytest imports every module before running any."""
+    with torch.no_grad():
+        yield
+
+
 # `make test-quick` runs the per-family tests on these; `make test` on every family.
 QUICK_FAMILIES = ("llama", "gpt2", "mixtral")
 

@@ -23,7 +23,8 @@ from lm_eval_layers.variant import apply_plan
 from surgery.cli import app
 from surgery.safetensors_io import read_header, read_tensor
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 runner = CliRunner()

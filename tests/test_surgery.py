@@ -23,7 +23,8 @@ from surgery.cli import app
 from surgery.safetensors_io import read_header
 from surgery.sources import SafetensorsFolder
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 runner = CliRunner()
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 

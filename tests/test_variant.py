@@ -13,7 +13,8 @@ from lm_eval_layers.arch import UnsupportedArchitecture, layout_for, text_config
 from lm_eval_layers.plan import LayerPlan, PlanError, PlanSpec
 from lm_eval_layers.variant import apply_plan
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 INPUT = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(1))
 
 

@@ -170,6 +170,7 @@ class ILAResult:
     seconds: dict[str, float]
 
 
+@torch.enable_grad()  # also when called from an inference (no-grad) context
 def run_ila(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settings: ILASettings,
             console: Console, callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
     """Both stages on a loaded model (LoRA is added to it in place)."""

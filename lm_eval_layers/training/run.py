@@ -220,6 +220,7 @@ def source_dtype(source: Any) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
+@torch.enable_grad()  # also when called from an inference (no-grad) context
 def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     """Run `surgery train`; returns the training log (None on processes other than the main one)."""
     from surgery.sources import open_model
