@@ -73,4 +73,8 @@ def load(local_name: str, hub_path: str, hub_name: str | None = None, **_metadat
         if not folder.is_dir():
             raise DataError(f"{ENV}={root} has no folder {local_name!r}; add it or unset {ENV} to load from the hub")
         return _read_local(folder, local_name)
-    return datasets.load_dataset(hub_path, hub_name)
+    try:
+        return datasets.load_dataset(hub_path, hub_name)
+    except ConnectionError:  # offline, or the hub is unreachable
+        raise DataError(f"cannot reach the hub for {hub_path}; set {ENV} to a folder of local data "
+                        f"(<name>/<split>.jsonl) or connect to the network") from None

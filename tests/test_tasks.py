@@ -159,3 +159,13 @@ def test_missing_local_folder_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LM_EVAL_LAYERS_DATA", str(tmp_path))
     with pytest.raises(DataError, match="has no folder 'piqa'"):
         load("piqa", "baber/piqa")
+
+
+def test_unreachable_hub_is_a_clear_error(monkeypatch):
+    """No local data and no network (the tests run with the hub offline): one line naming the fix."""
+    from lm_eval_layers.data import ENV, load
+    from lm_eval_layers.errors import DataError
+
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(DataError, match=f"cannot reach the hub for baber/piqa; set {ENV}"):
+        load("piqa", "baber/piqa")
