@@ -53,7 +53,7 @@ def main() -> None:
             out = Path(tmp) / f"drop{k}"
             start = time.perf_counter()
             subprocess.run([str(BIN / "surgery"), "prune", "smollm2", "--drop", str(k), "--out", str(out)], check=True, capture_output=True)
-            res = subprocess.run(
+            subprocess.run(
                 [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
                  "--tasks", TASK, "--include_path", INCLUDE, "--limit", str(args.limit), "--batch_size", "32",
                  "--device", "cpu", "--output_path", str(Path(tmp) / f"res{k}")],

@@ -145,7 +145,7 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
 
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError):
         raise UsageError(
             f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "
             "(remote code is never run; upgrade transformers if the architecture is new)"

@@ -132,7 +132,6 @@ def test_task_names_do_not_collide_with_builtins():
 
 def test_boolq_local_rows_take_the_super_glue_schema(local_data):
     from lm_eval_layers.data import load
-    from lm_eval_layers.errors import DataError
 
     ds = load("boolq", "aps/super_glue", "boolq")
     row = ds["validation"][0]

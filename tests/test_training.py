@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from conftest import DATA, REPO, TASKS
+from conftest import DATA, TASKS
 from lm_eval_layers.errors import DataError, SelectionError, UsageError
 from lm_eval_layers.training import data as D
 from lm_eval_layers.training.distill import distill_loss_sum

@@ -81,7 +81,6 @@ class TaskGame:
     ) -> None:
         self.evaluate, self.num_layers, self.unit, self.metric, self.store = evaluate, num_layers, unit, metric, store
         self.n = num_players(unit, num_layers)
-        self.new_evaluations = 0
 
     def name(self, coalition: np.ndarray) -> str:
         """The coalition's key in the store (hex bitmask)."""
@@ -93,7 +92,6 @@ class TaskGame:
 
     def commit(self, coalition: np.ndarray, scores: dict[str, Columns]) -> None:
         self.store.put(self.name(coalition), scores)
-        self.new_evaluations += 1
 
     def scores(self, coalition: np.ndarray) -> dict[str, Columns]:
         found = self.store.get(self.name(coalition))

@@ -19,7 +19,6 @@ Choices (one at a time; default: all blocks):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
