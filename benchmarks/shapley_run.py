@@ -1,4 +1,4 @@
-"""Benchmark: a Shapley run (regression estimator, budget 200) over SmolLM2's 30
+"""Benchmark: a Shapley run (the default estimator, budget 200) over SmolLM2's 30
 blocks on arc_easy validation[:N], fast path vs plain path.
 
 The fast path runs the whole budget, as `surgery score` does. The plain path is lm-eval's own
@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager
 from common import INCLUDE, TASK, save
 from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.importance.games import from_key
-from lm_eval_layers.importance.scoring import score_units
+from lm_eval_layers.importance.scoring import DEFAULT_ESTIMATOR, score_units
 from lm_eval_layers.importance.store import Store
 from lm_eval_layers.importance.task_game import TaskGame, coalition_plan
 from lm_eval_layers.model import LayeredLM
@@ -44,7 +44,7 @@ def main() -> None:
     fast = Evaluator(lm, [TASK], manager, args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         game = TaskGame(lambda plan: fast.evaluate(plan).examples, depth, "block", "acc", Store(Path(tmp) / "s.sqlite", {}))
-        est, used, sample_se = score_units(game, "shapley", args.budget, "regression", 0, 3)
+        est, used, sample_se = score_units(game, "shapley", args.budget, DEFAULT_ESTIMATOR.value, 0, 3)
         fast_seconds = time.perf_counter() - start
         stored = {k: game.scores(from_key(k, depth))[TASK] for k in used.values}
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     per_plain = sum(p["seconds"] for p in plain) / len(plain)
     result = {
-        "task": TASK, "limit": args.limit, "budget": args.budget, "evaluations": est.evaluations,
+        "task": TASK, "limit": args.limit, "budget": args.budget, "estimator": DEFAULT_ESTIMATOR.value, "evaluations": est.evaluations,
         "fast_seconds": fast_seconds, "plain_seconds_per_coalition": per_plain,
         "plain_seconds_estimated": per_plain * est.evaluations,
         "ratio_plain_over_fast": per_plain * est.evaluations / fast_seconds,

@@ -128,9 +128,7 @@ def heldout(args: argparse.Namespace) -> list:
     from lm_eval_layers.training import data as D
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base(args.work)))
-    records = D.load_records(str(SFT))
-    examples = D.tokenize(records, D.detect_format(records), tokenizer, args.max_length)
-    return D.split(examples, 0.1, args.seed)[1]
+    return D.split(D.prepare(str(SFT), tokenizer, args.max_length).examples, 0.1, args.seed)[1]
 
 
 def heldout_loss(folder: Path, examples: list, pad_id: int) -> float:
@@ -202,8 +200,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     folder = base(args.work)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    records = D.load_records(str(SFT))
-    train_set = D.split(D.tokenize(records, D.detect_format(records), tokenizer, args.max_length), 0.1, args.seed)[0]
+    train_set = D.split(D.prepare(str(SFT), tokenizer, args.max_length).examples, 0.1, args.seed)[0]
     transformers.set_seed(args.seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -130,10 +130,10 @@ def run_batches(model: Any, batches: Iterable[Batch], num_requests: int, softmax
         cache = None
         if t["ctx"] is not None:
             with around(b, "ctx"):
-                cache = model(t["ctx"], use_cache=True, **ctx_kwargs).past_key_values
+                cache = model(t["ctx"], use_cache=True, **ctx_kwargs).cache
             cache.reorder_cache(t["group"])
         with around(b, "cont"), _head_on(model, t["valid"]) as gathered:
-            logits = model(t["ids"], past_key_values=cache, attention_mask=t["mask"], position_ids=t["positions"],
+            logits = model(t["ids"], cache=cache, attention_mask=t["mask"], position_ids=t["positions"],
                            use_cache=cache is not None).logits
         if gathered():  # logits of the real continuation tokens only, [1, tokens, vocab]
             lp = F.log_softmax(logits[0], dim=-1, dtype=softmax_dtype or logits.dtype)

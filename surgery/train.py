@@ -43,18 +43,12 @@ def train(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out; discard an interrupted run"),
 ) -> None:
     """Fine-tune chosen blocks: new blocks after `surgery expand`, the top layers, or heal a pruned model."""
+    given = dict(locals())  # the parameters above are TrainOptions' fields, by name
     from lm_eval_layers.training.run import TrainOptions, train as run
 
     quiet_training_logs()
     with user_errors():
-        options = TrainOptions(
-            model=model, data=data, out=out, layers=layers, freeze_bottom=freeze_bottom, new_blocks=new_blocks,
-            layers_from=layers_from, top=top, lora=lora,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, heal=heal, adapter_only=adapter_only, distill_from=distill_from,
-            temperature=temperature, distill_weight=distill_weight, max_length=max_length, max_steps=max_steps, epochs=epochs,
-            lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, eval_fraction=eval_fraction, dtype=dtype.value,
-            save_steps=save_steps, resume=resume, force=force,
-        )
+        options = TrainOptions(**{**given, "dtype": dtype.value})
         log = run(options, console)
     if log is not None:  # None: another process of a distributed run (the main one writes)
         console.print(f"wrote {options.out}")

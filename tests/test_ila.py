@@ -195,7 +195,7 @@ def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
 
     from rich.console import Console
 
-    settings = dict(rank=4, lr=1e-2, epsilon=0.005, max_steps=400, batch_size=16, max_length=64)
+    settings = dict(rank=4, lr=1e-2, epsilon=0.005, window=10, max_steps=400, batch_size=16, max_length=64)
     lines, hits = [], []
     for seed in range(3):
         base, planted, examples, names = planted_teacher(seed)
@@ -257,6 +257,22 @@ def test_same_seed_and_data_give_the_same_ila_json(tiny_llama_dir, qa_data, tmp_
     assert [len(a["top"][k]) for k in ("10%", "25%", "50%")] == [4, 11, 21]
     assert sum(b["total"] for b in a["blocks"]) == pytest.approx(sum(u["gate"] for u in a["units"]))
     assert [u["name"] for u in c["units"]] == [str(i) for i in range(6)] and c["settings"]["unit"] == "block"
+
+
+def test_the_ila_command_defaults_are_the_settings_defaults():
+    """`surgery ila` restates ILASettings' defaults as options: they must not drift apart."""
+    import dataclasses
+    import inspect
+
+    from surgery.ila import run as command
+
+    fields = {f.name: f.default for f in dataclasses.fields(ILASettings)}
+    fields["lora_alpha"] = fields.pop("alpha")
+    options = {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
+    shared = set(fields) & set(options)
+    assert shared >= {"epsilon", "window", "patience", "max_steps", "gate_steps", "budget", "batch_size", "max_length"}
+    for name in shared:
+        assert getattr(options[name], "value", options[name]) == getattr(fields[name], "value", fields[name]), name
 
 
 def test_expected_jaccard_is_exact():

@@ -206,6 +206,22 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
     assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
 
 
+def test_the_train_command_defaults_are_train_options_defaults():
+    """`surgery train` hands its parameters to TrainOptions by name: same names, same defaults."""
+    import dataclasses
+    import inspect
+
+    from surgery.train import train as command
+
+    fields = {f.name: f for f in dataclasses.fields(TrainOptions) if f.name != "callbacks"}
+    parameters = inspect.signature(command).parameters
+    assert set(parameters) == set(fields)
+    for name, parameter in parameters.items():
+        default = getattr(parameter.default, "default", parameter.default)
+        if default is not ...:  # required options have no default
+            assert getattr(default, "value", default) == fields[name].default, name
+
+
 @pytest.mark.slow
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_writing(tiny_llama_dir, qa_data, tmp_path, monkeypatch):
     import surgery.sources

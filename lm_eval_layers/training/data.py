@@ -221,6 +221,29 @@ def _render_chat(turns: list[dict[str, str]], tokenizer: Any, index: int) -> tup
     return full, spans, False
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A data source read, recognised and tokenised for a model: what `surgery train` and
+    `surgery ila` both start from."""
+
+    records: list[dict[str, Any]]
+    format: RecordFormat
+    examples: list[Example]
+    added_template: bool  # the tokenizer had no chat template; PLAIN_CHAT_TEMPLATE was given to it
+
+    def describe(self) -> str:
+        return (f"{len(self.records):,} records, format {self.format.value}"
+                + (" (no chat template: the plain User:/Assistant: template is used and saved)" if self.added_template else ""))
+
+
+def prepare(data: str, tokenizer: Any, max_length: int) -> Prepared:
+    """Load DATA, detect its record format and tokenise it with response-only labels."""
+    records = load_records(data)
+    fmt = detect_format(records)
+    added = fmt in (RecordFormat.messages, RecordFormat.prompt_completion) and ensure_chat_template(tokenizer)
+    return Prepared(records, fmt, tokenize(records, fmt, tokenizer, max_length), added)
+
+
 def tokenize(records: Sequence[dict[str, Any]], fmt: RecordFormat, tokenizer: Any, max_length: int) -> list[Example]:
     """Tokenised examples, truncated to `max_length` tokens, with response-only labels."""
     if not getattr(tokenizer, "is_fast", False):

@@ -47,12 +47,11 @@ def run(model: str, data: str, out: Path, plot: Path | None, settings: ILASettin
     source = open_model(model)
     depth = num_layers(source.config)
     tokenizer = load_tokenizer(source)
-    records = D.load_records(data)
-    fmt = D.detect_format(records)
-    examples = D.tokenize(records, fmt, tokenizer, settings.max_length)
+    prepared = D.prepare(data, tokenizer, settings.max_length)
+    examples = prepared.examples
     if len(examples) < settings.batch_size:
         raise UsageError(f"{len(examples)} examples are fewer than --batch-size {settings.batch_size}; lower it")
-    console.print(f"data: {len(records):,} records, format {fmt.value}; model: {source.name}, {depth} blocks")
+    console.print(f"data: {prepared.describe()}; model: {source.name}, {depth} blocks")
 
     scratch = out.with_name(f".{out.name}.base")  # a GGUF input dequantised to a plain folder, removed at the end
     try:
@@ -63,9 +62,9 @@ def run(model: str, data: str, out: Path, plot: Path | None, settings: ILASettin
         shutil.rmtree(scratch, ignore_errors=True)
     document = ila_report.build(
         result, settings, model=model, model_type=source.config.get("model_type"), num_layers=depth,
-        data={"path": data, "format": fmt.value, "records": len(records), "train_examples": len(examples),
+        data={"path": data, "format": prepared.format.value, "records": len(prepared.records), "train_examples": len(examples),
               "tokens": sum(sum(label != D.IGNORE for label in e.labels[1:]) for e in examples),
-              "digest": ila_report.records_digest(records)},
+              "digest": ila_report.records_digest(prepared.records)},
     )
     ila_report.write(out, document)
     if plot is not None:

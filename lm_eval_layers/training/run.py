@@ -233,22 +233,19 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
                               options.layers_from, options.top, source.config.get("model_type"))
     teacher_source = open_model(options.distill_from) if options.distill_from else None
     tokenizer = load_tokenizer(source)
-    records = D.load_records(options.data)
-    fmt = D.detect_format(records)
-    added_template = fmt in (D.RecordFormat.messages, D.RecordFormat.prompt_completion) and D.ensure_chat_template(tokenizer)
-    examples = D.tokenize(records, fmt, tokenizer, options.max_length)
-    train_set, eval_set = D.split(examples, options.eval_fraction, options.seed)
+    prepared = D.prepare(options.data, tokenizer, options.max_length)
+    train_set, eval_set = D.split(prepared.examples, options.eval_fraction, options.seed)
     if len(train_set) < options.batch_size:
         raise UsageError(f"{len(train_set)} training examples are fewer than --batch-size {options.batch_size}; lower it")
 
     check_disk(options, work, source)
 
-    args = training_arguments(options, work)
+    args = training_arguments(work.checkpoints, batch_size=options.batch_size, learning_rate=options.learning_rate,
+                              seed=options.seed, max_steps=options.max_steps, epochs=options.epochs,
+                              grad_accum=options.grad_accum, save_steps=options.save_steps)
     main = args.process_index == 0
     say = console.print if main else (lambda *a, **k: None)
-    say(f"data: {len(records):,} records, format {fmt.value}"
-        + (" (no chat template: the plain User:/Assistant: template is used and saved)" if added_template else "")
-        + f"; {len(train_set):,} for training, {len(eval_set):,} held out")
+    say(f"data: {prepared.describe()}; {len(train_set):,} for training, {len(eval_set):,} held out")
     say(f"training {selection.description} of {depth} ({'LoRA r=' + str(options.lora) if options.lora else 'full weights'})"
         + (f", distilling from {options.distill_from}" if options.distill_from else ""))
     _hint_s_strategy(source, options, say)
@@ -262,7 +259,7 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
                 (work.root / RUN_FILE).write_text(json.dumps(options.recorded(), indent=2) + "\n")
             base = plain_folder(source, work.root / "base")
             teacher_dir = plain_folder(teacher_source, work.root / "teacher") if teacher_source else None
-        log = _run(options, args, work, source, base, teacher_dir, tokenizer, selection, fmt, train_set, eval_set, console)
+        log = _run(options, args, work, source, base, teacher_dir, tokenizer, selection, prepared.format, train_set, eval_set, console)
     except BaseException:
         if main and not options.resume and work.last_checkpoint() is None:
             shutil.rmtree(work.root, ignore_errors=True)
@@ -284,24 +281,26 @@ def _hint_s_strategy(source: Any, options: TrainOptions, say: Any) -> None:
         say("note: the deepest blocks were dropped (S strategy); to train the new last block too, add --layers -1")
 
 
-def training_arguments(options: TrainOptions, work: Work) -> Any:
+def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: float, seed: int, max_steps: int | None = None,
+                       epochs: float | None = None, grad_accum: int = 1, save_steps: int | None = None, **overrides: Any) -> Any:
+    """The Trainer settings every run here shares (`surgery train`, both ILA stages): per-step
+    logging for the progress bar and loss curves, no evaluation loop, CPU-aware process groups;
+    `save_steps` None saves no checkpoints."""
     import transformers
 
     return transformers.TrainingArguments(
-        output_dir=str(work.checkpoints),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.learning_rate,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
         weight_decay=0.0,
-        max_steps=options.max_steps or -1,
-        num_train_epochs=options.epochs or 1.0,
-        seed=options.seed,
-        data_seed=options.seed,
+        max_steps=max_steps or -1,
+        num_train_epochs=epochs or 1.0,
+        seed=seed,
+        data_seed=seed,
         logging_steps=1,
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=1,
+        **({"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1} if save_steps else {"save_strategy": "no"}),
         eval_strategy="no",
         use_cpu=not torch.cuda.is_available(),  # on CPU, also what makes torchrun form a gloo group
         report_to="none",
@@ -310,6 +309,7 @@ def training_arguments(options: TrainOptions, work: Work) -> Any:
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        **overrides,
     )
 
 
