@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/train_layers"), help="models and trained folders")
     parser.add_argument("--results", type=Path, default=RESULTS / "train_layers", help="one JSON per row")
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all, then overhead)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every row (ILA's stage 1 reaches its plateau on nq_open at 80-100)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200, help="arc_easy test documents")
