@@ -19,6 +19,7 @@ def train(
     layers: Optional[str] = typer.Option(None, "--layers", help="blocks to train, plan syntax: 0-7, 3;5-7, -1"),
     freeze_bottom: Optional[str] = typer.Option(None, "--freeze-bottom", help="freeze the lowest blocks, e.g. 25% or 4; train the rest"),
     new_blocks: bool = typer.Option(False, "--new-blocks", help="train the blocks listed in MODEL/new_parameters.json (surgery expand); may be united with --layers"),
+    head: bool = typer.Option(False, "--head", help="also train the output head (lm_head), full weights; with tied embeddings the input embeddings train with it"),
     layers_from: Optional[Path] = typer.Option(None, "--layers-from", help="ila.json of `surgery ila`: train its top units (with --top)"),
     top: Optional[str] = typer.Option(None, "--top", help="with --layers-from: the share of units, e.g. 30%"),
     lora: Optional[int] = typer.Option(None, "--lora", help="train LoRA adapters of rank R on the selected blocks' linear modules"),

@@ -197,6 +197,8 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
         check(heal=True, layers="1")
     with pytest.raises(UsageError, match="--adapter-only writes a LoRA adapter; add --lora R"):
         check(adapter_only=True)
+    with pytest.raises(UsageError, match="--head trains the output head's full weights"):
+        check(head=True, heal=True)
     with pytest.raises(UsageError, match="--max-steps and --epochs are exclusive"):
         check(max_steps=3, epochs=1.0)
     with pytest.raises(UsageError, match="--eval-fraction 1.5"):
@@ -287,6 +289,23 @@ def test_new_blocks_train_alone(expanded, qa_data, tmp_path):
     assert {"train_log.json", "loss.png", "README.md", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not out.with_name(out.name + ".partial").exists()
     assert "new blocks 3,7" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_head_and_last_block_train_alone(tiny_llama_dir, qa_data, tmp_path):
+    """Partial-layer healing (`--layers -1 --head`): the last block and the output head change,
+    and since this model ties the head to the input embeddings, those too; nothing else."""
+    out = tmp_path / "trained"
+    log = run(tiny_llama_dir, qa_data, out, layers="-1", head=True, max_steps=4, lr=1e-2)
+    last = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"] - 1
+    before, after = tensors(tiny_llama_dir), tensors(out)
+    assert before.keys() == after.keys()
+    assert "model.embed_tokens.weight" in before
+    for name, tensor in before.items():
+        trained = block_of(name) == last or name in ("model.embed_tokens.weight", "lm_head.weight")
+        assert same_bytes(tensor, after[name]) != trained, name
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(log["trainable_names"])
+    assert log["head"] and log["selection"] == f"blocks {last} + the output head"
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from lm_eval_layers.arch import num_layers
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.training import data as D
 from lm_eval_layers.training import report
-from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable
+from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable, with_head
 
 HEAL = {"lora": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lr": 2e-4}  # --heal: LoRA on all blocks, merged
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-4}
@@ -51,6 +51,7 @@ class TrainOptions:
     layers: str | None = None
     freeze_bottom: str | None = None
     new_blocks: bool = False
+    head: bool = False  # also the output head, full weights
     layers_from: Path | None = None  # ila.json of `surgery ila`
     top: str | None = None  # share of its units, e.g. "30%"
     lora: int | None = None
@@ -77,6 +78,8 @@ class TrainOptions:
 
     def check(self) -> None:
         """Option mistakes, caught before anything is read."""
+        if self.head and (self.lora or self.heal):
+            raise UsageError("--head trains the output head's full weights; it does not combine with --lora or --heal, drop one")
         if self.heal:
             if self.layers or self.freeze_bottom or self.new_blocks or self.layers_from:
                 raise UsageError("--heal trains LoRA on all blocks; drop the selection or use --lora R with it instead")
@@ -231,6 +234,8 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     depth = num_layers(source.config)
     selection = select_blocks(depth, options.layers, options.freeze_bottom, options.new_blocks, source.folder,
                               options.layers_from, options.top, source.config.get("model_type"))
+    if options.head:
+        selection = with_head(selection)
     teacher_source = open_model(options.distill_from) if options.distill_from else None
     tokenizer = load_tokenizer(source)
     prepared = D.prepare(options.data, tokenizer, options.max_length)
@@ -370,7 +375,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # tokens of earlier sessions (resume)
     log = {
         "model": options.model, "data": options.data, "format": fmt.value, "out": str(options.out),
-        "selection": selection.description, "blocks": list(selection.blocks),
+        "selection": selection.description, "blocks": list(selection.blocks), "head": selection.head,
         "matrices": [f"{b}.{rel}" for b, rel in selection.matrices],
         "method": ("LoRA" if lora else "full") + (" + distillation" if teacher_dir else ""),
         "adapter_only": options.adapter_only, "lora": lora,

@@ -14,12 +14,17 @@ Choices (one at a time; default: all blocks):
 - `--layers-from ila.json --top 30%`: the most significant units of a `surgery ila` run. Block
   units select those blocks; matrix units select exactly those weight matrices (full weights of
   just those matrices, or LoRA with PEFT `target_modules` given as full module names).
+
+`--head` adds the output head (`lm_head`, found by `get_output_embeddings()`) to any of these,
+full weights only: "Reassessing Layer Pruning in LLMs: New Insights and Methods" heals a model
+whose last blocks were removed by training `lm_head` and the last three remaining blocks. With
+tied embeddings the head *is* the input embedding matrix, so that trains too, and the log names both.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ class Selection:
     blocks: tuple[int, ...]  # indices into the model's block list, sorted
     description: str  # for logs, the table and the model card
     matrices: tuple[tuple[int, str], ...] = ()  # (block, module relative to it); empty: whole blocks
+    head: bool = False  # the output head trains too (full weights)
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -82,6 +88,11 @@ def select_blocks(
         blocks = set(range(num_blocks))
         parts.append(f"all {num_blocks} blocks")
     return Selection(tuple(sorted(blocks)), " + ".join(parts))
+
+
+def with_head(selection: Selection) -> Selection:
+    """The selection plus the output head (`--head`)."""
+    return replace(selection, head=True, description=f"{selection.description} + the output head")
 
 
 def top_units(path: Path, top: str, num_blocks: int, model_type: str | None) -> Selection:
@@ -166,20 +177,26 @@ def block_list(model: nn.Module, layout: Layout) -> nn.ModuleList:
 
 
 def freeze_all_but(model: nn.Module, layout: Layout, selection: Selection) -> None:
-    """Full fine-tuning of the selected blocks (or matrices): every other parameter frozen.
+    """Full fine-tuning of the selected blocks (or matrices), and the output head with `--head`:
+    every other parameter frozen.
 
     Done before the Trainer builds its optimizer, which then holds only these parameters.
     A tensor shared between a selected block and anything outside it (tied weights) would
-    let training change frozen parts, so it is refused.
+    let training change frozen parts, so it is refused; the head's own tie to the input
+    embeddings is what `--head` says it trains.
     """
     blocks = block_list(model, layout)
     for p in model.parameters():
         p.requires_grad_(False)
     parts = [blocks[b].get_submodule(rel) for b, rel in selection.matrices] or [blocks[i] for i in selection.blocks]
+    head = {id(p) for p in model.get_output_embeddings().parameters()} if selection.head else set()
+    for p in model.parameters():
+        if id(p) in head:
+            p.requires_grad_(True)
     for part in parts:
         for p in part.parameters():
             p.requires_grad_(True)
-    inside = {id(p) for part in parts for p in part.parameters()}
+    inside = {id(p) for part in parts for p in part.parameters()} - head
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in inside and not _in_blocks(name, layout, selection):
             raise SelectionError(f"{name} shares its tensor with a selected block (tied weights); select blocks without it")
@@ -227,8 +244,9 @@ def lora_config(model: nn.Module, layout: Layout, selection: Selection, rank: in
 
 
 def trainable(model: nn.Module) -> tuple[int, int, list[str]]:
-    """Trainable and total parameter counts, and the trainable parameters' names."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    """Trainable and total parameter counts, and the trainable parameters' names (every name of
+    a tied tensor: a trained head tied to the input embeddings lists both)."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return count, total, names
