@@ -94,15 +94,17 @@ def rows(ila: Path | None, work: Path) -> dict[str, Row]:
     lora = {"lora": 8}
     top = {"top": f"{round(SHARE * 100)}%"}
     drop4 = lambda w: prepared(w, "drop4", "prune", "--drop", f"{DEPTH - 4}-{DEPTH - 1}")  # noqa: E731
+    slayer = lambda w: prepared(w, "slayer", "expand", "--preset", "slayer")  # noqa: E731
+    slayer_least = lambda w: prepared(w, "slayer_ablation", "expand", "--insert", slayer_inserts(),  # noqa: E731
+                                      "--drop", ",".join(map(str, least_important_by_ablation(2))))
     table = {
         "base": Row(base),
         "lora_all": Row(base, lora),
-        "slayer_new_blocks": Row(lambda w: prepared(w, "slayer", "expand", "--preset", "slayer"),
-                                 {"new_blocks": True, "layers": "-1"}, "S strategy: new blocks + the new last block"),
+        "slayer_no_train": Row(slayer),
+        "slayer_new_blocks": Row(slayer, {"new_blocks": True, "layers": "-1"}, "S strategy: new blocks + the new last block"),
+        "slayer_inserts_drop_least_important_no_train": Row(slayer_least, extra={"dropped": least_important_by_ablation(2)}),
         "slayer_inserts_drop_least_important": Row(
-            lambda w: prepared(w, "slayer_ablation", "expand", "--insert", slayer_inserts(), "--drop",
-                               ",".join(map(str, least_important_by_ablation(2)))),
-            {"new_blocks": True}, "slayer's inserts, dropping the two blocks ablation on arc_easy validation ranks lowest",
+            slayer_least, {"new_blocks": True}, "slayer's inserts, dropping the two blocks ablation on arc_easy validation ranks lowest",
             {"dropped": least_important_by_ablation(2)},
         ),
         "llama_pro4_new_blocks": Row(lambda w: prepared(w, "llama_pro4", "expand", "--preset", "llama-pro:4"), {"new_blocks": True}),
