@@ -111,7 +111,7 @@ def rows(ila: Path | None, work: Path) -> dict[str, Row]:
         "drop4_no_heal": Row(drop4),
         "drop4_heal": Row(drop4, {"heal": True}),
         "drop4_distill": Row(drop4, {"lora": 8, "distill_from": "BASE"}, "LoRA r=8, KL to the unpruned model"),
-        "drop4_last3_head": Row(drop4, {"layers": "-3", "head": True},
+        "drop4_last3_head": Row(drop4, {"layers": "-3--1", "head": True},
                                 "full weights of the last 3 remaining blocks + lm_head (Reassessing Layer Pruning's partial-layer fine-tuning)"),
     }
     if ila is not None:  # the random and bottom rows take ILA's units too
