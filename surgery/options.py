@@ -30,7 +30,7 @@ def user_errors() -> Iterator[None]:
         typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written", err=True)
+        typer.echo("interrupted: no output was written", err=True)
         raise typer.Exit(130) from None
 
 

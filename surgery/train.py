@@ -38,7 +38,7 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps"),
     seed: int = typer.Option(0, "--seed"),
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="held-out share of the data, e.g. 0.1 (its loss is reported)"),
-    dtype: DType = typer.Option(DType.float32, "--dtype", help="training dtype; float32 on CPU (the bf16 backward is far slower there); the output keeps the input's dtype"),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="compute dtype (bfloat16/float16: mixed precision, trained tensors kept in float32); float32 on CPU, where the bf16 backward is far slower; the output keeps the input's dtype"),
     save_steps: int = typer.Option(50, "--save-steps", help="checkpoint every N steps (what --resume continues from)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint in OUT.partial/"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out; discard an interrupted run"),

@@ -151,6 +151,12 @@ def detect_format(records: Sequence[Any]) -> RecordFormat:
     return fmt
 
 
+def uses_chat_template(records: Sequence[dict[str, Any]], fmt: RecordFormat) -> bool:
+    """Conversations do, and prompt/completion records whose prompt is a list of turns."""
+    return fmt is RecordFormat.messages or (
+        fmt is RecordFormat.prompt_completion and any(isinstance(r.get("prompt"), list) for r in records))
+
+
 def ensure_chat_template(tokenizer: Any) -> bool:
     """Give a tokenizer without a chat template the plain one; True when it was added."""
     if getattr(tokenizer, "chat_template", None):
@@ -240,7 +246,7 @@ def prepare(data: str, tokenizer: Any, max_length: int) -> Prepared:
     """Load DATA, detect its record format and tokenise it with response-only labels."""
     records = load_records(data)
     fmt = detect_format(records)
-    added = fmt in (RecordFormat.messages, RecordFormat.prompt_completion) and ensure_chat_template(tokenizer)
+    added = uses_chat_template(records, fmt) and ensure_chat_template(tokenizer)
     return Prepared(records, fmt, tokenize(records, fmt, tokenizer, max_length), added)
 
 
@@ -248,7 +254,7 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: RecordFormat, tokenizer: An
     """Tokenised examples, truncated to `max_length` tokens, with response-only labels."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("response-only labels need a fast (Rust) tokenizer with offset mapping; this model's tokenizer is a slow one")
-    if fmt in (RecordFormat.messages, RecordFormat.prompt_completion):
+    if uses_chat_template(records, fmt):
         ensure_chat_template(tokenizer)
     rendered = [render(r, fmt, tokenizer, i) for i, r in enumerate(records)]
     indexed: list[tuple[int, Example]] = []

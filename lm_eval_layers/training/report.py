@@ -132,7 +132,7 @@ tags:
 {kind.capitalize()} written by lm-eval-layers (`surgery train`) from `{log["model"]}`.
 
 - **Trained:** {log["selection"]}: {recipe}.
-- **Loss:** {"distillation from `" + distill["teacher"] + f"` (temperature {distill['temperature']}, weight {distill['weight']})" if distill else "next-token cross-entropy"} on response tokens only.
+- **Loss:** {"distillation from `" + distill["teacher"] + f"` (temperature {distill['temperature']}, weight {distill['weight']})" if distill else "next-token cross-entropy"} on {"every token" if log["format"] == "text" else "response tokens only"}.
 - **Data:** `{log["data"]}` ({log["format"]}), {log["train_examples"]} examples, max length {log["options"]["max_length"]}; {log["eval_examples"]} held out.
 - **Run:** {log["steps"]} optimizer steps, batch {log["options"]["batch_size"]} × {log["options"]["grad_accum"]} accumulation × {log["world_size"]} process(es), learning rate {log["learning_rate"]}, seed {log["options"]["seed"]}, {log["dtype"]}.
 - **Held-out loss:** {_before_after(log)}.

@@ -85,7 +85,6 @@ class TrainOptions:
                 raise UsageError("--heal trains LoRA on all blocks; drop the selection or use --lora R with it instead")
             self.lora = self.lora or HEAL["lora"]
             self.lora_alpha = self.lora_alpha or HEAL["lora_alpha"]
-            self.lora_dropout = HEAL["lora_dropout"]
         if self.adapter_only and not self.lora:
             raise UsageError("--adapter-only writes a LoRA adapter; add --lora R (or --heal)")
         checks = [
@@ -101,6 +100,7 @@ class TrainOptions:
             (self.lr is not None and self.lr <= 0, "--lr must be positive"),
             (self.save_steps < 1, "--save-steps must be at least 1"),
             (self.dtype not in ("float32", "bfloat16", "float16"), f"--dtype {self.dtype}: use float32, bfloat16 or float16"),
+            (self.dtype == "float16" and not torch.cuda.is_available(), "--dtype float16 trains with loss scaling on a GPU only; use float32 (or bfloat16) here"),
         ]
         for bad, message in checks:
             if bad:
@@ -133,9 +133,15 @@ class Work:
         return self.root / "checkpoints"
 
     def last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
+        """The newest complete checkpoint: the Trainer writes `trainer_state.json` last, so a
+        run killed while saving leaves a folder without it, and the one before is used."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        return get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None
+        if not self.checkpoints.is_dir():
+            return None
+        complete = [(int(p.name.rsplit("-", 1)[1]), p) for p in self.checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+        return str(max(complete)[1]) if complete else None
 
 
 def check_paths(options: TrainOptions) -> Work:
@@ -156,7 +162,8 @@ def check_paths(options: TrainOptions) -> Work:
         saved = json.loads((work.root / RUN_FILE).read_text()) if (work.root / RUN_FILE).is_file() else None
         if saved is not None and saved != options.recorded():
             changed = sorted(k for k in saved if saved[k] != options.recorded().get(k))
-            raise UsageError(f"--resume with other options than the interrupted run ({', '.join(changed)}); use the same ones or --force")
+            raise UsageError(f"--resume with other options than the interrupted run ({', '.join(changed)}); "
+                             "use the same ones, or start over with --force and without --resume")
     elif work.root.exists() and not options.force:
         raise UsageError(f"{work.root} holds an interrupted run; continue it with --resume or start over with --force")
     return work
@@ -186,16 +193,19 @@ def plain_folder(source: Any, dest: Path) -> Path:
     return dest
 
 
-def check_disk(options: TrainOptions, work: Work, source: Any) -> None:
-    """Refuse a run that cannot finish writing: the output, a dequantised GGUF, and the Trainer's
-    checkpoints (two at a time while one replaces the other; full fine-tuning keeps weights plus
-    Adam's two moments, LoRA only the adapter)."""
+def check_disk(options: TrainOptions, work: Work, source: Any, teacher: Any | None) -> None:
+    """Refuse a run that cannot finish writing: the output, dequantised GGUF inputs (model and
+    teacher), and the Trainer's checkpoints (two at a time while one replaces the other; full
+    fine-tuning keeps weights plus Adam's two moments, LoRA only the adapter)."""
     from surgery.sources import free_bytes
 
+    def fp32(s: Any) -> int:
+        return 4 * sum(info.nbytes // info.dtype.itemsize for info in s.infos.values())
+
     model = sum(info.nbytes for info in source.infos.values())
-    fp32 = 4 * sum(info.nbytes // info.dtype.itemsize for info in source.infos.values())
-    checkpoints = 0.1 * fp32 if options.lora else 3 * fp32
-    needed = model + (fp32 if source.folder is None else 0) + 2 * checkpoints
+    checkpoints = 0.1 * fp32(source) if options.lora else 3 * fp32(source)
+    dequantised = sum(fp32(s) for s in (source, teacher) if s is not None and s.folder is None)
+    needed = model + dequantised + 2 * checkpoints
     folder = work.root.parent
     while not folder.exists():
         folder = folder.parent
@@ -215,6 +225,12 @@ def load_tokenizer(source: Any) -> Any:
         return transformers.AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
     except (OSError, ValueError) as e:
         raise UsageError(f"{source.name} has no usable tokenizer ({str(e).splitlines()[0][:120]}); add its tokenizer files") from None
+
+
+def check_teacher_vocabulary(teacher: Any, student: Any, name: str) -> None:
+    """KL between next-token distributions compares token ids, so both must mean the same tokens."""
+    if teacher.get_vocab() != student.get_vocab():
+        raise UsageError(f"--distill-from {name} has another tokenizer than the model; use a teacher with the same vocabulary")
 
 
 def source_dtype(source: Any) -> torch.dtype:
@@ -243,11 +259,13 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     if len(train_set) < options.batch_size:
         raise UsageError(f"{len(train_set)} training examples are fewer than --batch-size {options.batch_size}; lower it")
 
-    check_disk(options, work, source)
+    if teacher_source is not None:
+        check_teacher_vocabulary(load_tokenizer(teacher_source), tokenizer, options.distill_from)
+    check_disk(options, work, source, teacher_source)
 
     args = training_arguments(work.checkpoints, batch_size=options.batch_size, learning_rate=options.learning_rate,
                               seed=options.seed, max_steps=options.max_steps, epochs=options.epochs,
-                              grad_accum=options.grad_accum, save_steps=options.save_steps)
+                              grad_accum=options.grad_accum, save_steps=options.save_steps, **mixed_precision(options.dtype))
     main = args.process_index == 0
     say = console.print if main else (lambda *a, **k: None)
     say(f"data: {prepared.describe()}; {len(train_set):,} for training, {len(eval_set):,} held out")
@@ -318,6 +336,21 @@ def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: floa
     )
 
 
+def mixed_precision(dtype: str) -> dict[str, bool]:
+    """bfloat16/float16 runs compute under the Trainer's autocast while the trained tensors stay
+    float32 (`float32_masters`): an optimizer stepping bf16 weights rounds small updates away,
+    and fp16 ones overflow without loss scaling."""
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+
+
+def float32_masters(model: torch.nn.Module) -> None:
+    """Trainable tensors in float32, frozen ones in the training dtype (a tied tensor stays tied:
+    the parameter object is kept, only its data changes)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, teacher_dir: Path | None, tokenizer: Any,
          selection: Selection, fmt: D.RecordFormat, train_set: list, eval_set: list, console: Console) -> dict[str, Any] | None:
     import transformers
@@ -339,6 +372,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
                 "target_modules": sorted(config.target_modules), "layers_to_transform": config.layers_to_transform}
     else:
         freeze_all_but(model, layout, selection)
+    float32_masters(model)
     count, total, names = trainable(model)
 
     kwargs: dict[str, Any] = dict(
@@ -349,8 +383,6 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
         from lm_eval_layers.training.distill import DistillTrainer
 
         teacher = transformers.AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
-        if teacher.get_output_embeddings().weight.shape[0] < len(tokenizer):
-            raise UsageError(f"--distill-from {options.distill_from} does not cover this model's vocabulary; use a teacher with the same tokenizer")
         trainer = DistillTrainer(**kwargs, teacher=teacher, temperature=options.temperature, weight=options.distill_weight)
     else:
         trainer = transformers.Trainer(**kwargs)
@@ -390,7 +422,7 @@ def _run(options: TrainOptions, args: Any, work: Work, source: Any, base: Path, 
         "eval_loss_before": before, "eval_loss": after, "learning_rate": options.learning_rate, "dtype": options.dtype,
         "loss_curve": report.loss_curve(state.log_history), "options": options.recorded(),
     }
-    write_output(options, work, trainer.model, tokenizer, source, log)
+    write_output(options, work, trainer.model, base, tokenizer, source, log)
     console.print(report.summary(log, options.out))
     return log
 
@@ -410,7 +442,30 @@ class OptimizerHoldsSelection(TrainerCallback):
             raise RuntimeError(f"the optimizer holds {len(held)} tensors but {len(wanted)} are trainable")
 
 
-def write_output(options: TrainOptions, work: Work, model: Any, tokenizer: Any, source: Any, log: dict[str, Any]) -> None:
+def output_model(trained: Any, base: Path, dtype: torch.dtype, lora: bool) -> Any:
+    """The input model with what trained put in: a fresh load of the input in its own dtype, so
+    every tensor that did not train keeps its exact bytes whatever dtype training ran in, and a
+    LoRA adapter is merged into the input's own weights."""
+    import copy
+
+    import transformers
+
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    if lora:
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapted = get_peft_model(fresh, copy.deepcopy(trained.peft_config["default"]))
+        set_peft_model_state_dict(adapted, get_peft_model_state_dict(trained))
+        return adapted.merge_and_unload()
+    params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                params[name].copy_(p.detach())  # to the input's device and dtype
+    return fresh
+
+
+def write_output(options: TrainOptions, work: Work, model: Any, base: Path, tokenizer: Any, source: Any, log: dict[str, Any]) -> None:
     """The final folder, written inside the work folder and then renamed to --out."""
     from surgery.checkpoint import base_model
 
@@ -419,12 +474,11 @@ def write_output(options: TrainOptions, work: Work, model: Any, tokenizer: Any, 
     final.mkdir()
     if options.adapter_only:
         adapter = model.peft_config["default"]
-        adapter.base_model_name_or_path = source.name if source.folder is None else str(Path(source.folder).resolve())
+        local = source.folder is not None and source.name == str(source.folder)  # a hub id or alias stays as given
+        adapter.base_model_name_or_path = str(Path(source.folder).resolve()) if local else source.name
         model.save_pretrained(str(final))
     else:
-        if log["lora"]:
-            model = model.merge_and_unload()
-        model.to(source_dtype(source)).save_pretrained(str(final))
+        output_model(model, base, source_dtype(source), bool(log["lora"])).save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
     report.write_log(final, log)
     report.plot(final, log)
