@@ -255,11 +255,16 @@ def _ends_part(n: int, v_empty: float, v_full: float, singles: np.ndarray, compl
 
 class _Trees:
     """Gradient-boosted regression trees on binary inputs, kept as their leaves: each leaf is a
-    conjunction (these units kept, those removed) whose Shapley values have a closed form."""
+    conjunction (these units kept, those removed) whose Shapley values have a closed form.
+
+    A tree's leaves partition the coalitions, so a tree is applied to many rows at once as one
+    table (kept / removed indicator matrices): two matrix products find every row's leaf. Rows
+    add their trees' values in tree order, the order of a leaf-by-leaf sum."""
 
     def __init__(self, trees: int = 100, depth: int = 4, rate: float = 0.1, min_leaf: int = 2) -> None:
         self.trees, self.depth, self.rate, self.min_leaf = trees, depth, rate, min_leaf
         self.leaves: list[tuple[list[int], list[int], float]] = []
+        self.tables: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "_Trees":
         Xf = X.astype(float)
@@ -268,10 +273,26 @@ class _Trees:
         for _ in range(self.trees):
             grown: list[tuple[list[int], list[int], float]] = []
             self._grow(Xf, residual, np.arange(len(y)), [], [], self.depth, grown)
-            for kept, gone, value in grown:
-                residual = residual - self.rate * value * self._mask(X, kept, gone)
-            self.leaves += [(kept, gone, self.rate * value) for kept, gone, value in grown]
+            leaves = [(kept, gone, self.rate * value) for kept, gone, value in grown]
+            table = self._table(leaves, X.shape[1])
+            residual = residual - self._apply(Xf, table)
+            self.leaves += leaves
+            self.tables.append(table)
         return self
+
+    @staticmethod
+    def _table(leaves: list[tuple[list[int], list[int], float]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        kept, gone = np.zeros((n, len(leaves))), np.zeros((n, len(leaves)))
+        for j, (k, g, _) in enumerate(leaves):
+            kept[k, j], gone[g, j] = 1.0, 1.0
+        return kept, kept.sum(axis=0), gone, np.array([value for _, _, value in leaves])
+
+    @staticmethod
+    def _apply(Xf: np.ndarray, table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """Each row's leaf value: exactly one leaf holds (all its kept units in, none of its removed)."""
+        kept, count, gone, values = table
+        hit = ((Xf @ kept) == count) & ((Xf @ gone) == 0)
+        return hit.astype(float) @ values
 
     def _grow(self, X: np.ndarray, r: np.ndarray, idx: np.ndarray, kept: list[int], gone: list[int], depth: int,
               out: list[tuple[list[int], list[int], float]]) -> None:
@@ -291,12 +312,12 @@ class _Trees:
                     return
         out.append((kept, gone, float(rs.mean())))
 
-    @staticmethod
-    def _mask(X: np.ndarray, kept: list[int], gone: list[int]) -> np.ndarray:
-        return X[:, kept].all(axis=1) & ~X[:, gone].any(axis=1)
-
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.base + sum(value * self._mask(X, kept, gone) for kept, gone, value in self.leaves)
+        Xf = X.astype(float)
+        total: np.ndarray | float = 0.0
+        for table in self.tables:
+            total = total + self._apply(Xf, table)
+        return self.base + total
 
     def shapley(self, n: int) -> np.ndarray:
         """A leaf u(S) = [K ⊆ S, G ∩ S = ∅]: a unit of K gains when it joins last of K before any
