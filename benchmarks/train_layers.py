@@ -111,6 +111,8 @@ def rows(ila: Path | None, work: Path) -> dict[str, Row]:
         "drop4_no_heal": Row(drop4),
         "drop4_heal": Row(drop4, {"heal": True}),
         "drop4_distill": Row(drop4, {"lora": 8, "distill_from": "BASE"}, "LoRA r=8, KL to the unpruned model"),
+        "drop4_distill_mix": Row(drop4, {"lora": 8, "distill_from": "BASE", "distill_weight": 0.5},
+                                 "LoRA r=8, half KL to the unpruned model, half LM loss"),
         "drop4_last3_head": Row(drop4, {"layers": "-3--1", "head": True},
                                 "full weights of the last 3 remaining blocks + lm_head (Reassessing Layer Pruning's partial-layer fine-tuning)"),
     }
