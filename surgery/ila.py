@@ -12,7 +12,8 @@ import typer
 from typer.core import TyperGroup
 
 from lm_eval_layers.training.gates import UnitKind
-from surgery.options import DType, ModelArg, console, quiet_training_logs, user_errors
+from lm_eval_layers.precision import DType
+from surgery.options import ModelArg, console, quiet_training_logs, user_errors
 
 
 class _RunByDefault(TyperGroup):

@@ -1,23 +1,59 @@
-"""What every `surgery` command shares: the error boundary, the stderr console, common options."""
+"""What every `surgery` command shares: options built from the library's settings objects, the
+error boundary, the stderr console and progress that also reports when output is redirected.
+
+Importing this module costs no torch or lm-eval: `--help` and argument errors need neither."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import time
+import typing
 from contextlib import contextmanager
-from enum import Enum
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, TaskID
 
 from lm_eval_layers.errors import LayersError
 
 console = Console(stderr=True)  # progress and messages; results go to stdout
+S = TypeVar("S")
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def command(settings: type[S]) -> Callable[[Callable[[S], None]], Callable[..., None]]:
+    """Turn `body(settings_object)` into a Typer command whose parameters are the fields of the
+    `settings` dataclass (`lm_eval_layers.settings`): flag, default and help come from the field,
+    so they are declared once. Fields without a flag (Python-only settings) are not options."""
+    hints = typing.get_type_hints(settings)
+
+    def wrap(body: Callable[[S], None]) -> Callable[..., None]:
+        params, annotations = [], {}
+        for f in dataclasses.fields(settings):
+            meta = f.metadata
+            if not f.init or not ("flag" in meta or "argument" in meta):
+                continue
+            default = ... if f.default is dataclasses.MISSING else f.default
+            if meta.get("argument"):
+                info = typer.Argument(default, help=meta["help"], show_default=default is not ...)
+            else:
+                info = typer.Option(default, meta["flag"], help=meta["help"])
+            params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info,
+                                            annotation=hints[f.name]))
+            annotations[f.name] = hints[f.name]
+
+        def run(**given: Any) -> None:
+            with user_errors():
+                parsed = settings(**given)  # type: ignore[call-arg]
+            body(parsed)
+
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = annotations
+        run.__name__, run.__qualname__, run.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        return run
+
+    return wrap
 
 
 @contextmanager
@@ -34,7 +70,43 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-ModelArg = typer.Argument(..., help="local folder, .gguf file, hub id, or 'smollm2' (the embedded default)")
+class Bars(Progress):
+    """rich's progress bars on a terminal; with output redirected (a log file, CI), one plain
+    line per task at most every `every` seconds and when a task completes, so a long run is
+    never silent."""
+
+    def __init__(self, *columns: Any, every: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("console", console)
+        plain = not kwargs["console"].is_terminal
+        super().__init__(*columns, **{**kwargs, "disable": kwargs.get("disable", False) or plain})
+        self._plain = plain and not kwargs.get("disable", False)
+        self._every = every
+        self._said: dict[TaskID, float] = {}
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:  # advance() calls this too
+        super().update(task_id, **kwargs)
+        if self._plain:
+            self._say(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        if self._plain:
+            self._say(task_id)
+
+    def _say(self, task_id: TaskID) -> None:
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        if now - self._said.get(task_id, task.start_time or now) < self._every and not task.finished:
+            return
+        if task.finished and self._said.get(task_id) == float("inf"):
+            return
+        self._said[task_id] = float("inf") if task.finished else now
+        done = f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else f"{task.completed:,.0f}"
+        self.console.print(f"{task.description}: {done} ({task.elapsed or 0:.0f} s)", highlight=False)
+
+
+ModelArgHelp = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"
+ModelArg = typer.Argument(..., help=ModelArgHelp)
 
 
 def quiet_training_logs() -> None:

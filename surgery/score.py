@@ -24,7 +24,8 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance.scoring import DEFAULT_ESTIMATOR, Estimator, Method
 from lm_eval_layers.importance.task_game import Metric, Unit
 from lm_eval_layers.similarity import Position
-from surgery.options import DType, ModelArg, console, user_errors
+from lm_eval_layers.precision import DType
+from surgery.options import ModelArg, console, user_errors
 
 
 def score(

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from surgery.options import DType, ModelArg, console, quiet_training_logs, user_errors
+from lm_eval_layers.precision import DType
+from surgery.options import ModelArg, console, quiet_training_logs, user_errors
 
 
 def train(

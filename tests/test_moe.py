@@ -21,7 +21,7 @@ from lm_eval_layers.arch import check_plan, layout_for
 from lm_eval_layers.plan import PlanError, PlanSpec
 from lm_eval_layers.variant import apply_plan
 from surgery.cli import app
-from surgery.safetensors_io import read_header, read_tensor
+from lm_eval_layers.checkpoint.safetensors_io import read_header, read_tensor
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

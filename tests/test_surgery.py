@@ -18,10 +18,10 @@ from conftest import DEPTH, make_model
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.variant import apply_plan
-from surgery.checkpoint import atomic_output, plan_tensors, write_weights
+from lm_eval_layers.checkpoint.writer import atomic_output, plan_tensors, write_weights
 from surgery.cli import app
-from surgery.safetensors_io import read_header
-from surgery.sources import SafetensorsFolder
+from lm_eval_layers.checkpoint.safetensors_io import read_header
+from lm_eval_layers.checkpoint.sources import SafetensorsFolder
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

@@ -229,9 +229,9 @@ def test_the_train_command_defaults_are_train_options_defaults():
 
 @pytest.mark.slow
 def test_a_run_that_cannot_fit_on_disk_is_refused_before_writing(tiny_llama_dir, qa_data, tmp_path, monkeypatch):
-    import surgery.sources
+    import lm_eval_layers.checkpoint.sources
 
-    monkeypatch.setattr(surgery.sources, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(lm_eval_layers.checkpoint.sources, "free_bytes", lambda folder: 1000)
     with pytest.raises(UsageError, match="not enough free disk space in .*: this run needs about"):
         run(tiny_llama_dir, qa_data, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,7 @@ def run(model: str, data: str, out: Path, plot: Path | None, settings: ILASettin
     """Run ILA and write its outputs; returns the ila.json document."""
     import transformers
 
-    from surgery.sources import open_model
+    from lm_eval_layers.checkpoint.sources import open_model
 
     settings.check()
     out, plot = out.expanduser().resolve(), plot.expanduser().resolve() if plot else None

@@ -19,7 +19,6 @@ DIR at the end, after which `DIR.partial/` is removed. Only the main process wri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,12 @@ from rich.console import Console
 from transformers import TrainerCallback
 
 from lm_eval_layers.arch import num_layers
+from lm_eval_layers.checkpoint import PLAN_FILE
+from lm_eval_layers.checkpoint.sources import Source, free_bytes, open_model
+from lm_eval_layers.checkpoint.writer import base_model, write_variant
+from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.errors import UsageError
+from lm_eval_layers.outputs import check_folder, swap_into_place
 from lm_eval_layers.training import data as D
 from lm_eval_layers.training import report
 from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable, with_head
@@ -146,16 +150,10 @@ class Work:
 
 def check_paths(options: TrainOptions) -> Work:
     """The output and work folders: never overwrite without --force, resume only what exists."""
-    out = options.out.expanduser().resolve()
+    model_dir = Path(options.model).expanduser()
+    out = check_folder(options.out, options.force, inside=model_dir if model_dir.is_dir() else None)
     options.out = out
     work = Work(out)
-    model_dir = Path(options.model).expanduser()
-    if model_dir.is_dir() and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
-        raise UsageError(f"--out {out} is inside the input model folder {model_dir}; write somewhere else")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not options.force:
-        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
     if options.resume:
         if not work.root.is_dir():
             raise UsageError(f"--resume: there is no interrupted run at {work.root}; start without --resume")
@@ -169,27 +167,14 @@ def check_paths(options: TrainOptions) -> Work:
     return work
 
 
-def plain_folder(source: Any, dest: Path) -> Path:
+def plain_folder(source: Source, dest: Path) -> Path:
     """A folder transformers can train and save: the input's own, or GGUF dequantised to fp32
-    safetensors with the same writer `surgery prune` uses (tensor by tensor)."""
+    safetensors by the writer `surgery prune` uses (the identity plan, tensor by tensor)."""
     if source.folder is not None:
         return Path(source.folder)
-    if (dest / "config.json").is_file():
-        return dest
-    from lm_eval_layers.plan import LayerPlan
-    from surgery.checkpoint import copy_side_files, plan_tensors, write_config, write_weights
-    from surgery.sources import source_layout
-
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    plan = LayerPlan.identity(num_layers(source.config))
-    layout = source_layout(source)
-    tensors = plan_tensors(source, plan, layout, torch.float32)
-    write_weights(tmp, source, layout, tensors, 5 * 10**9)
-    write_config(tmp, source, plan, layout, torch.float32)
-    copy_side_files(tmp, source)
-    tmp.rename(dest)
+    if not (dest / "config.json").is_file():
+        write_variant(source, LayerPlan.identity(num_layers(source.config)), dest, dtype=torch.float32, force=True,
+                      metadata=False)
     return dest
 
 
@@ -197,7 +182,7 @@ def check_disk(options: TrainOptions, work: Work, source: Any, teacher: Any | No
     """Refuse a run that cannot finish writing: the output, dequantised GGUF inputs (model and
     teacher), and the Trainer's checkpoints (two at a time while one replaces the other; full
     fine-tuning keeps weights plus Adam's two moments, LoRA only the adapter)."""
-    from surgery.sources import free_bytes
+    from lm_eval_layers.checkpoint.sources import free_bytes
 
     def fp32(s: Any) -> int:
         return 4 * sum(info.nbytes // info.dtype.itemsize for info in s.infos.values())
@@ -242,7 +227,7 @@ def source_dtype(source: Any) -> torch.dtype:
 @torch.enable_grad()  # also when called from an inference (no-grad) context
 def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
     """Run `surgery train`; returns the training log (None on processes other than the main one)."""
-    from surgery.sources import open_model
+    from lm_eval_layers.checkpoint.sources import open_model
 
     options.check()
     work = check_paths(options)
@@ -294,11 +279,9 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any] | None:
 
 def _hint_s_strategy(source: Any, options: TrainOptions, say: Any) -> None:
     """Llama SLayer's S strategy also trains the new last block; say how when the plan suggests it."""
-    plan_file = Path(source.folder) / "layer_plan.json" if source.folder is not None else None
+    plan_file = Path(source.folder) / PLAN_FILE if source.folder is not None else None
     if not (options.new_blocks and options.layers is None and plan_file and plan_file.is_file()):
         return
-    from lm_eval_layers.plan import LayerPlan
-
     plan = LayerPlan.from_dict(json.loads(plan_file.read_text())["plan"])
     if plan.num_layers - 1 in plan.dropped:
         say("note: the deepest blocks were dropped (S strategy); to train the new last block too, add --layers -1")
@@ -467,7 +450,7 @@ def output_model(trained: Any, base: Path, dtype: torch.dtype, lora: bool) -> An
 
 def write_output(options: TrainOptions, work: Work, model: Any, base: Path, tokenizer: Any, source: Any, log: dict[str, Any]) -> None:
     """The final folder, written inside the work folder and then renamed to --out."""
-    from surgery.checkpoint import base_model
+    from lm_eval_layers.checkpoint.writer import base_model
 
     final = work.root / "final"
     shutil.rmtree(final, ignore_errors=True)
@@ -483,10 +466,5 @@ def write_output(options: TrainOptions, work: Work, model: Any, base: Path, toke
     report.write_log(final, log)
     report.plot(final, log)
     report.model_card(final, log, base_model(source))
-    out = options.out
-    trash = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    if out.exists():
-        out.rename(trash)
-    final.rename(out)
-    shutil.rmtree(trash, ignore_errors=True)
+    swap_into_place(final, options.out)
     shutil.rmtree(work.root, ignore_errors=True)

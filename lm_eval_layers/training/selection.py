@@ -30,11 +30,11 @@ from typing import Any
 
 from torch import nn
 
+from lm_eval_layers.checkpoint import NEW_PARAMS_FILE
 from lm_eval_layers.arch import Layout
 from lm_eval_layers.errors import PlanError, SelectionError
 from lm_eval_layers.plan import format_indices, parse_indices
 
-NEW_PARAMS_FILE = "new_parameters.json"
 
 
 @dataclass(frozen=True)

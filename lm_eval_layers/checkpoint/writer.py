@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,28 +23,15 @@ from typing import Callable, Iterator
 import torch
 
 from lm_eval_layers import __version__
+from lm_eval_layers.checkpoint import NEW_PARAMS_FILE, PLAN_FILE
 from lm_eval_layers.arch import Layout, layer_config_updates
 from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
 from lm_eval_layers.errors import UsageError
-from surgery.safetensors_io import copy_bytes, write_header, write_tensor
-from surgery.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model
-
-PLAN_FILE = "layer_plan.json"
-NEW_PARAMS_FILE = "new_parameters.json"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """`5GB` -> 5_000_000_000 (transformers' convention; KiB/MiB/GiB are powers of 2)."""
-    m = _SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"--max-shard-size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-
+from lm_eval_layers.outputs import check_folder, swap_into_place
+from lm_eval_layers.checkpoint.safetensors_io import copy_bytes, write_header, write_tensor
+from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model, source_layout
 
 @dataclass(frozen=True)
 class OutTensor:
@@ -162,6 +150,7 @@ def write_weights(
 def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> dict:
     """config.json with every layer-describing field made consistent with the plan."""
     config = json.loads(json.dumps(source.config))
+    config.pop("_name_or_path", None)  # where the input was read from (a GGUF: site-packages); not this folder
     target = config
     if not any(k in config for k in layout.count_keys):
         target = config.get("text_config", config)
@@ -260,15 +249,7 @@ def base_model(source: Source) -> str:
 @contextmanager
 def atomic_output(out: Path, source: Source, force: bool, needed: int) -> Iterator[Path]:
     """A temporary sibling of `out` that becomes `out` only if the block completes."""
-    out = out.expanduser().resolve()
-    if source.folder is not None:
-        src = source.folder.resolve()
-        if out == src or src in out.parents:
-            raise UsageError(f"--out {out} is inside the input model folder {src}; write somewhere else")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
+    out = check_folder(out, force, inside=source.folder)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -284,13 +265,55 @@ def atomic_output(out: Path, source: Source, force: bool, needed: int) -> Iterat
                 f"not enough free disk space in {parent}: need {needed / 1e9:.2f} GB, have {free_bytes(parent) / 1e9:.2f} GB"
             )
         yield tmp
-        if out.exists():
-            trash = parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@dataclass(frozen=True)
+class Written:
+    """What `write_variant` wrote."""
+
+    out: Path
+    plan: LayerPlan
+    files: list[str]
+    bytes: int
+    seconds: float
+    max_logit_diff: float | None  # from `verify`; None when not verified
+
+
+def write_variant(
+    source: Source, plan: LayerPlan, out: Path, *, command: str = "prune", dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9, force: bool = False, verify: bool = False, metadata: bool = True,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> Written:
+    """Write `plan`'s variant of `source` to the folder `out`: weights (streamed, sharded),
+    config, tokenizer and side files, and (`metadata`) the plan file and model card. Everything
+    is checked before the first byte is written; `verify` compares the result with the
+    in-memory variant before it is put in place. `progress(bytes_done, bytes_total)`."""
+    start = time.perf_counter()
+    layout = source_layout(source)
+    tensors = plan_tensors(source, plan, layout, dtype)
+    total = sum(t.info.nbytes for t in tensors)
+    diff = None
+    with atomic_output(out, source, force, total) as tmp:
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        files = write_weights(tmp, source, layout, tensors, max_shard_size, advance)
+        write_config(tmp, source, plan, layout, dtype)
+        copy_side_files(tmp, source)
+        if metadata:
+            write_metadata(tmp, Path(out).name, source, plan, layout, command, dtype)
+        if verify:
+            from lm_eval_layers.checkpoint.verify import verify as verify_folder
+
+            out_dtype = dtype or tensors[0].info.dtype
+            exact = all(t.info.dtype == source.infos[t.sources[0]].dtype for t in tensors)
+            diff = verify_folder(tmp, source, plan, out_dtype, exact)
+    return Written(Path(out).expanduser().resolve(), plan, files, total, time.perf_counter() - start, diff)

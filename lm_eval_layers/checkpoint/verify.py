@@ -10,7 +10,7 @@ import torch
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.variant import apply_plan
 from lm_eval_layers.errors import UsageError
-from surgery.sources import GGUFFile, Source
+from lm_eval_layers.checkpoint.sources import GGUFFile, Source
 
 
 def _load(path: Path, dtype: torch.dtype, gguf_file: str | None = None):

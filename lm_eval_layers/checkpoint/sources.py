@@ -19,7 +19,7 @@ import torch
 from lm_eval_layers.arch import ARCHITECTURES, Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
 from lm_eval_layers.errors import UsageError
-from surgery.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
+from lm_eval_layers.checkpoint.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
@@ -120,12 +120,14 @@ class GGUFFile:
         shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self._tensors = {}
         self.infos = {}
+        self.stored: dict[str, tuple[str, int]] = {}  # name -> the file's own type (Q4_1, F32, …) and bytes
         for t in self.reader.tensors:
             hf_name = mapping.get(t.name)
             if hf_name is None or hf_name not in shapes:
                 continue
             self._tensors[hf_name] = t
             self.infos[hf_name] = TensorInfo(torch.float32, shapes[hf_name])
+            self.stored[hf_name] = (t.tensor_type.name, int(t.n_bytes))
 
     def raw(self, name: str) -> None:
         return None  # quantised bytes: always decoded
