@@ -92,6 +92,11 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())  # no site-packages path
+    inspected = CliRunner().invoke(app, ["inspect", "smollm2", "--json"])  # the same GGUF, opened once per process
+    report = json.loads(inspected.stdout)
+    assert report["stored_types"]["Q4_1"] > 0 and report["other_dtypes"] == ["float32"]
+    assert 90e6 < report["stored_bytes"] < 110e6 and report["bytes"] > 5 * report["stored_bytes"]  # 98 MB file, 538 MB fp32
     (samples_file,) = (tmp_path / "res").rglob("samples_arc_easy_local_*.jsonl")
     hf = [json.loads(line) for line in samples_file.read_text().splitlines()]
     pruned = PlanSpec.from_args(drop="24-27", drop_attn=5)

@@ -248,6 +248,8 @@ BAD = [
     ("out is the input", None, ["prune", "{m}", "--drop", "1", "--out", "{m}"], "inside the input model folder"),
     ("out is a file", "file", ["prune", "{m}", "--drop", "1", "--out", "{tmp}/plain.txt"], "is an existing file"),
     ("no write permission", None, ["prune", "{m}", "--drop", "1", "--out", "/proc/surgery-out"], "cannot write in /proc"),
+    # checked before the model is opened: the missing model is not what is reported
+    ("out not empty, before opening", "out", ["prune", "{tmp}/nope", "--drop", "1", "--out", "{tmp}/out"], "exists and is not empty"),
 ]
 
 
@@ -261,6 +263,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
         (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 60)
     elif change == "file":
         (tmp_path / "plain.txt").write_text("x")
+    elif change == "out":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("x")
     argv = [a.format(tmp=tmp_path, m=folder) for a in args]
     if "--out" not in argv and argv[0] in ("prune", "expand"):
         argv += ["--out", str(tmp_path / "out")]
@@ -285,3 +290,10 @@ def test_console_script_and_module_entry_points(tmp_path):
         proc = subprocess.run([*cmd, "prune", str(tmp_path / "nope"), "--drop", "1", "--out", str(tmp_path / "o")],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 2 and proc.stderr.startswith("error: no model folder") and "Traceback" not in proc.stderr
+    src = save(make_model("llama"), tmp_path / "src")
+    proc = subprocess.run([str(script), "prune", str(src), "--drop", "1", "--out", str(tmp_path / "pruned")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # stderr is not a terminal: progress comes as plain lines, not a silent bar
+    assert "writing 6 -> 5 blocks: drop blocks 1:" in proc.stderr and "wrote " in proc.stderr
+    assert "_name_or_path" not in json.loads((tmp_path / "pruned" / "config.json").read_text())

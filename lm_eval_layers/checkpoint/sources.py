@@ -177,14 +177,15 @@ def open_model(model: str) -> Source:
     """MODEL as the user gave it: alias, .gguf file, local folder, or hub id."""
     if model.lower() == ALIAS:
         try:
-            return GGUFFile(smollm2_gguf(), name=ALIAS)
+            path = smollm2_gguf()
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
+        return _gguf(path, ALIAS, path.stat().st_mtime_ns)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"no GGUF file at {path}; check the path")
-        return GGUFFile(path)
+        return _gguf(path.resolve(), str(path), path.stat().st_mtime_ns)
     if path.is_dir():
         return SafetensorsFolder(path)
     if path.exists():
@@ -192,6 +193,13 @@ def open_model(model: str) -> Source:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UsageError(f"no model folder at {model}; give a local folder, a .gguf file, a hub id or '{ALIAS}'")
     return SafetensorsFolder(_download(model), name=model)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf(path: Path, name: str, mtime_ns: int) -> GGUFFile:
+    """Opening a GGUF file costs seconds (its header, transformers' config and name mapping);
+    it is read-only afterwards, so one process opens each file (at this modification time) once."""
+    return GGUFFile(path, name=name)
 
 
 def _download(repo_id: str) -> Path:
