@@ -2,7 +2,9 @@
 
 Methods, each run as its own process and timed with /usr/bin/time (wall, peak RSS):
   cp         copy of the weight files (the physical limit of a streaming writer)
-  startup    `python -c "import torch, transformers"` (the interpreter start-up every tool pays)
+  startup    `python -c "import torch"` (the start-up every torch-based tool pays; surgery prune
+             imports torch but, for a known architecture, neither transformers nor lm-eval)
+  help       `surgery --help` (the command's own start-up: what an argument error costs)
   surgery    `surgery prune MODEL --drop ... --out DIR`
   load+save  every tensor loaded with safetensors, renamed, saved again (a hand-written script)
   mergekit   `mergekit-yaml` passthrough merge (when MERGEKIT names a mergekit-yaml executable)
@@ -130,7 +132,8 @@ def bench(name: str, src: Path, n: int, drop: list[int], work: Path, repeats: in
     weights = sorted(src.glob("*.safetensors"))
     methods = {
         "cp": lambda: ["cp", *map(str, weights), str(out)],
-        "startup": lambda: [sys.executable, "-c", "import torch, transformers"],
+        "startup": lambda: [sys.executable, "-c", "import torch"],
+        "help": lambda: [str(BIN / "surgery"), "--help"],
         "surgery": lambda: [str(BIN / "surgery"), "prune", str(src), "--drop", spec, "--out", str(out), "--force"],
         "load+save": lambda: [sys.executable, "-c", LOAD_SAVE, str(src), str(out), spec],
     }

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+MODEL_HELP = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"  # every command's MODEL
+
 
 def option(default: Any, flag: str, help: str = "") -> Any:
     """A field with a default, given on the command line as `flag`."""

@@ -25,7 +25,7 @@ import typer
 
 from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, WriteSettings
 from surgery.ila import app as ila_app
-from surgery.options import Bars, ModelArg, command, console, user_errors
+from surgery.options import Bars, ModelArg, command, console, status, user_errors
 from surgery.score import score
 from surgery.train import train
 
@@ -43,7 +43,7 @@ def _write(command_name: str, settings: WriteSettings) -> None:
         spec = settings.spec()
         model_dir = Path(settings.model).expanduser()
         check_folder(settings.out, settings.force, inside=model_dir if model_dir.is_dir() else None)
-        with console.status(f"opening {settings.model}…"):
+        with status(f"opening {settings.model}…"):
             from lm_eval_layers.checkpoint.sources import open_model
             from lm_eval_layers.checkpoint.writer import write_variant
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from lm_eval_layers.errors import LayersError
+from lm_eval_layers.settings import MODEL_HELP
 
 console = Console(stderr=True)  # progress and messages; results go to stdout
 S = TypeVar("S")
@@ -105,8 +106,18 @@ class Bars(Progress):
         self.console.print(f"{task.description}: {done} ({task.elapsed or 0:.0f} s)", highlight=False)
 
 
-ModelArgHelp = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"
-ModelArg = typer.Argument(..., help=ModelArgHelp)
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on a terminal; otherwise the message as one line, so a log shows what is running."""
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        console.print(message, highlight=False)
+        yield
+
+
+ModelArg = typer.Argument(..., help=MODEL_HELP)
 
 
 def quiet_training_logs() -> None:

@@ -11,9 +11,8 @@ from pathlib import Path
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.precision import DType
-from lm_eval_layers.settings import argument, option, required
+from lm_eval_layers.settings import MODEL_HELP, argument, option, required
 
-MODEL_HELP = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
