@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 import time
 import typing
 from contextlib import contextmanager
@@ -107,14 +108,19 @@ class Bars(Progress):
 
 
 @contextmanager
-def status(message: str) -> Iterator[None]:
-    """A spinner on a terminal; otherwise the message as one line, so a log shows what is running."""
+def status(message: str, after: float = 2.0) -> Iterator[None]:
+    """A spinner on a terminal; otherwise the message as one line once the work has taken
+    `after` seconds, so a log shows what a long step is doing and a quick failure stays one line."""
     if console.is_terminal:
         with console.status(message):
             yield
-    else:
-        console.print(message, highlight=False)
+        return
+    timer = threading.Timer(after, lambda: console.print(message, highlight=False))
+    timer.start()
+    try:
         yield
+    finally:
+        timer.cancel()
 
 
 ModelArg = typer.Argument(..., help=MODEL_HELP)
