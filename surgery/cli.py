@@ -27,6 +27,7 @@ from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, Wr
 from surgery.ila import app as ila_app
 from surgery.options import Bars, ModelArg, command, console, status, user_errors
 from surgery.score import score
+from surgery.search import search
 from surgery.train import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -80,6 +81,7 @@ def expand(settings: ExpandSettings) -> None:
 
 
 app.command()(score)
+app.command()(search)
 app.command()(train)
 app.add_typer(ila_app, name="ila")
 

@@ -1,0 +1,86 @@
+"""What `surgery search` takes, declared once, checked before the model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from lm_eval_layers.errors import UsageError
+from lm_eval_layers.precision import DType
+from lm_eval_layers.settings import MODEL_HELP, argument, option, required
+from lm_eval_layers.windows import parse_shape
+
+
+class SearchUnit(str, Enum):
+    block = "block"
+    halves = "halves"  # attention and MLP branches as separate units
+
+
+class Objective(str, Enum):
+    nll = "nll"
+    kl = "kl"
+
+
+METHODS = ("greedy", "beam:B", "last")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    model: str = argument(MODEL_HELP)
+    out: Path = required("--out", "search.json to write (refused if it exists, unless --force)")
+    remove: int | None = option(None, "--remove", "units to remove")
+    params: str | None = option(None, "--params", "keep at most this share of the parameters, e.g. 75%")
+    unit: SearchUnit = option(SearchUnit.block, "--unit", "whole blocks, or attention and MLP branches separately")
+    method: str = option("greedy", "--method", "greedy (SLEB), beam:B (the B best sets per step) or last (the deepest units)")
+    protect: str = option("0,-1", "--protect", "blocks never removed (plan syntax; '' for none)")
+    objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, or kl from the full model's next-token distribution")
+    calibration: Path | None = option(None, "--calibration", "text file (default: the local WikiText-2 test text)")
+    tokens: str = option("32x256", "--tokens", "calibration windows × tokens per window")
+    seed: int = option(0, "--seed", "0: the first windows of the text; another seed draws other windows")
+    batch_size: int = option(4, "--batch-size", "windows per forward pass (logits of one batch exist at a time)")
+    dtype: DType = option(DType.float32, "--dtype", "compute dtype (float32 on CPU)")
+    plot: Path | None = option(None, "--plot", "PNG of the objective against units removed")
+    force: bool = option(False, "--force", "replace an existing --out / --plot")
+
+    def __post_init__(self) -> None:
+        if (self.remove is None) == (self.params is None):
+            raise UsageError("give one budget: --remove K (units) or --params P% (share of parameters kept)")
+        if self.remove is not None and self.remove < 1:
+            raise UsageError(f"--remove {self.remove}: remove at least 1 unit")
+        if self.params is not None:
+            self.keep_share  # noqa: B018 — parses and checks it
+        self.beam  # noqa: B018
+        parse_shape(self.tokens)
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.dtype == DType.float16:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--dtype float16 needs a GPU; use float32 (or bfloat16) here")
+
+    @property
+    def keep_share(self) -> float | None:
+        if self.params is None:
+            return None
+        text = self.params.strip().removesuffix("%")
+        try:
+            share = float(text) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share < 1:
+            raise UsageError(f"--params {self.params}: give the share of parameters to keep, strictly between 0% and 100%, e.g. 75%")
+        return share
+
+    @property
+    def beam(self) -> int:
+        """1 for greedy, B for beam:B, 0 for last."""
+        name, _, width = self.method.partition(":")
+        if name == "greedy" and not width:
+            return 1
+        if name == "last" and not width:
+            return 0
+        if name == "beam" and width.isdigit() and int(width) >= 1:
+            return int(width)
+        raise UsageError(f"--method {self.method}: use one of {', '.join(METHODS)} (e.g. beam:4)")

@@ -1,0 +1,170 @@
+"""`surgery search`: the fast path scores every candidate exactly as a full run of the variant
+would; greedy removes what SLEB's loop removes, in the same order, for fewer block passes;
+budgets and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DEPTH, make_model
+from lm_eval_layers.arch import layout_for
+from lm_eval_layers.search.engine import CalibrationEngine
+from lm_eval_layers.search.methods import Budget, Problem, greedy, last
+from lm_eval_layers.search.units import all_units, plan_without, unit_parameters
+from lm_eval_layers.variant import apply_plan
+from surgery.cli import app
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+WINDOWS = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+
+
+def direct_nll(model, plan) -> torch.Tensor:
+    """Per-window summed NLL of a variant, computed plainly (no cache, one window at a time)."""
+    with apply_plan(model, plan):
+        logp = model(WINDOWS).logits.float().log_softmax(-1)
+    return -logp[:, :-1].gather(-1, WINDOWS[:, 1:, None]).squeeze(-1).sum(-1).double()
+
+
+def direct_kl(model, plan) -> torch.Tensor:
+    full = model(WINDOWS).logits.float().log_softmax(-1)
+    with apply_plan(model, plan):
+        logp = model(WINDOWS).logits.float().log_softmax(-1)
+    return (full.exp() * (full - logp)).sum(-1).sum(-1).double()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("objective", ["nll", "kl"])
+def test_cached_scores_equal_a_plain_run_of_each_variant(arch, objective):
+    model = make_model(arch)
+    engine = CalibrationEngine(model, WINDOWS, objective, batch_size=4)
+    direct = direct_nll if objective == "nll" else direct_kl
+    assert torch.allclose(engine.full_scores, direct(model, plan_without(DEPTH, [])), atol=1e-4)
+    engine.rebase(plan_without(DEPTH, [3]))  # a reference other than the full model
+    for removed in ([3, 1], [3, 4], [3, 5], [3, "attn.4"], [3, "mlp.0"], [3, "attn.5", "mlp.5"]):
+        plan = plan_without(DEPTH, removed)
+        assert torch.allclose(engine.score(plan), direct(model, plan), atol=1e-4), removed
+
+
+def sleb(model, k: int) -> list[int]:
+    """SLEB's loop as published: blocks deleted from a copy of the HF model, every candidate run
+    whole, first and last block protected."""
+    blocks_of = lambda m: layout_for(m).find_blocks(m)  # noqa: E731
+    kept = list(range(DEPTH))
+    removed = []
+    for _ in range(k):
+        best = None
+        for candidate in kept[1:-1]:
+            trial = copy.deepcopy(model)
+            parent, name = layout_for(trial).parent_and_name(trial)
+            setattr(parent, name, torch.nn.ModuleList(
+                [blocks_of(trial)[i] for i, b in enumerate(range(DEPTH)) if b in kept and b != candidate]))
+            logp = trial(WINDOWS).logits.float().log_softmax(-1)
+            nll = -logp[:, :-1].gather(-1, WINDOWS[:, 1:, None]).sum().item()
+            if best is None or nll < best[0]:
+                best = (nll, candidate)
+        removed.append(best[1])
+        kept.remove(best[1])
+    return removed
+
+
+def problem(model, engine, removable, **budget) -> Problem:
+    sizes = unit_parameters(model, layout_for(model), False)
+    return Problem(engine, removable, sizes, sum(p.numel() for p in model.parameters()), Budget(**budget), model.config.model_type)
+
+
+def test_greedy_removes_what_slebs_loop_removes_in_the_same_order():
+    model = make_model("llama", seed=1)
+    expected = sleb(model, 3)
+    engine = CalibrationEngine(model, WINDOWS, "nll", batch_size=4)
+    steps = greedy(problem(model, engine, list(range(1, DEPTH - 1)), remove=3))
+    assert steps[-1].removed == expected
+    assert [len(s.removed) for s in steps] == [1, 2, 3]
+    # each candidate runs only the blocks after its change: fewer passes than SLEB's whole-model runs
+    as_written = sum(n * (DEPTH - i - 1) for i, n in enumerate((4, 3, 2)))
+    assert steps[-1].block_passes < 0.8 * as_written
+    assert steps[0].runner_up is not None and steps[0].runner_up["objective"] >= steps[0].objective
+    lo, hi = steps[0].margin_ci
+    assert lo <= steps[0].runner_up["objective"] - steps[0].objective <= hi
+
+
+def test_beam_is_at_least_as_good_as_greedy_and_last_takes_the_deepest():
+    model = make_model("llama", seed=2)
+    engine = CalibrationEngine(model, WINDOWS, "nll", batch_size=6)
+    units = list(range(1, DEPTH - 1))
+    g = greedy(problem(model, engine, units, remove=3))
+    b = greedy(problem(model, engine, units, remove=3), beam=3)
+    assert b[-1].objective <= g[-1].objective + 1e-9
+    deepest = last(problem(model, engine, units, remove=2))
+    assert deepest[-1].removed == [4, 3]
+    assert deepest[-1].objective == pytest.approx(float(direct_nll(model, plan_without(DEPTH, [4, 3])).sum()) / (6 * 15), rel=1e-5)
+
+
+def test_params_budget_with_halves_stops_once_the_share_is_met():
+    model = make_model("llama", seed=3)
+    engine = CalibrationEngine(model, WINDOWS, "kl", batch_size=6)
+    layout = layout_for(model)
+    sizes = unit_parameters(model, layout, True)
+    total = sum(p.numel() for p in model.parameters())
+    units = [u for u in all_units(DEPTH, True) if u.split(".")[1] not in ("0", str(DEPTH - 1))]
+    steps = greedy(Problem(engine, units, sizes, total, Budget(keep_share=0.9), "llama"))
+    assert steps[-1].params <= 0.9 * total < steps[-2].params if len(steps) > 1 else steps[-1].params <= 0.9 * total
+    assert steps[-1].params == total - sum(sizes[u] for u in steps[-1].removed)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cal") / "text.txt"
+    path.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["search", *map(str, args)])
+
+
+BAD = [
+    (["--remove", "6"], "removes every unit"),
+    (["--remove", "5"], "only 4 units are not protected"),
+    (["--remove", "1", "--params", "50%"], "give one budget"),
+    ([], "give one budget"),
+    (["--params", "100%"], "strictly between 0% and 100%"),
+    (["--params", "0"], "strictly between 0% and 100%"),
+    (["--remove", "1", "--protect", "0-5"], "covers every block"),
+    (["--remove", "1", "--method", "beam:0"], "--method beam:0"),
+    (["--remove", "1", "--tokens", "100000x64"], "fewer than 100000 windows"),
+    (["--remove", "1", "--tokens", "8"], "WINDOWSxTOKENS"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, calibration, tmp_path, args, message):
+    result = invoke(tiny_llama_dir, "--calibration", calibration, "--out", tmp_path / "s.json", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_search_command_writes_a_plan_prune_can_use(tiny_llama_dir, calibration, tmp_path):
+    out = tmp_path / "search.json"
+    proc = subprocess.run([str(Path(sys.executable).with_name("surgery")), "search", str(tiny_llama_dir), "--remove", "2",
+                           "--calibration", str(calibration), "--tokens", "4x32", "--out", str(out), "--plot", str(tmp_path / "s.png")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [len(s["removed"]) for s in doc["steps"]] == [1, 2]
+    assert doc["block_passes"] < doc["as_written_block_passes"]
+    assert doc["plan"]["num_layers"] == DEPTH and len(doc["plan"]["slots"]) == DEPTH - 2
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    again = invoke(tiny_llama_dir, "--remove", "2", "--calibration", calibration, "--out", out)
+    assert again.exit_code == 2 and "exists" in again.stderr
