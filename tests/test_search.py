@@ -142,6 +142,9 @@ BAD = [
     (["--remove", "1", "--method", "beam:0"], "--method beam:0"),
     (["--remove", "1", "--tokens", "100000x64"], "fewer than 100000 windows"),
     (["--remove", "1", "--tokens", "8"], "WINDOWSxTOKENS"),
+    (["--remove", "1", "--unit", "halves", "--method", "angular"], "contiguous run of blocks; use --unit block"),
+    (["--remove", "1", "--method", "scores:/no/such.json"], "no scores file at /no/such.json"),
+    (["--remove", "1", "--method", "evolve"], "--method evolve: use one of"),
 ]
 
 
@@ -168,3 +171,21 @@ def test_search_command_writes_a_plan_prune_can_use(tiny_llama_dir, calibration,
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     again = invoke(tiny_llama_dir, "--remove", "2", "--calibration", calibration, "--out", out)
     assert again.exit_code == 2 and "exists" in again.stderr
+
+
+def test_angular_removes_the_closest_contiguous_run_and_bi_ranks_blocks():
+    from lm_eval_layers.search.methods import _last_token_states, angular, block_influence_order
+
+    model = make_model("llama", seed=4)
+    engine = CalibrationEngine(model, WINDOWS, "nll", batch_size=6)
+    units = list(range(1, DEPTH - 1))
+    (step,) = angular(problem(model, engine, units, remove=2))
+    states = _last_token_states(engine)
+    by_hand = {}
+    for l in range(1, DEPTH - 2):  # runs of 2 inside blocks 1..4
+        cos = torch.nn.functional.cosine_similarity(states[l], states[l + 2], dim=-1)
+        by_hand[l] = float((torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean())
+    best = min(by_hand, key=by_hand.get)
+    assert step.removed == [best, best + 1]
+    order = block_influence_order(problem(model, engine, units, remove=2))
+    assert sorted(order) == units and len(order) == 4

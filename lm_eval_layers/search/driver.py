@@ -13,7 +13,9 @@ import torch
 
 from lm_eval_layers import __version__
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.search.methods import Budget, Problem, Progress, greedy, last
+from lm_eval_layers.search.methods import (
+    Budget, Problem, Progress, angular, block_influence_order, greedy, last, ranked, scores_order,
+)
 from lm_eval_layers.search.settings import SearchSettings, SearchUnit
 from lm_eval_layers.search.units import all_units, protected_units, unit_parameters
 from lm_eval_layers.windows import calibration_windows, parse_shape
@@ -65,6 +67,33 @@ def check_budget(settings: SearchSettings, num_layers: int) -> list:
     return candidates
 
 
+def scores_values(settings: SearchSettings, depth: int) -> tuple[float, ...]:
+    """The values of `--method scores:FILE`, refused unless the file scores this model's units."""
+    from lm_eval_layers.scores_file import read_scores
+
+    path = settings.method.partition(":")[2]
+    scores = read_scores(path)
+    units = len(all_units(depth, settings.unit == SearchUnit.halves))
+    if scores.num_layers != depth or len(scores.values) != units:
+        raise UsageError(f"{path} scores {len(scores.values)} {scores.unit} units of a {scores.num_layers}-block model; "
+                         f"this search needs {units} {settings.unit.value} units of {depth} blocks: score this model "
+                         "with the same --unit")
+    return scores.values
+
+
+def run_method(settings: SearchSettings, problem: Problem, progress: Progress) -> list:
+    name = settings.method_name
+    if name in ("greedy", "beam"):
+        return greedy(problem, settings.beam, progress)
+    if name == "last":
+        return last(problem, progress)
+    if name == "angular":
+        return angular(problem, progress)
+    if name == "bi":
+        return ranked(problem, block_influence_order(problem), progress)
+    return ranked(problem, scores_order(problem, scores_values(settings, problem.engine.num_layers)), progress)
+
+
 @torch.no_grad()
 def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any]:
     """Run the search; returns the search.json document."""
@@ -79,6 +108,8 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     start = time.perf_counter()
     depth = model_depth(settings.model)
     candidates = check_budget(settings, depth)
+    if settings.method_name == "scores":
+        scores_values(settings, depth)  # before any weight is read
     windows = calibration_windows(load_tokenizer(settings.model), calibration.text, count, tokens, settings.seed)
     model = load_model(settings.model, settings.dtype.torch, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -96,7 +127,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     progress("running the full model on the calibration windows", 0, 1)
     engine = CalibrationEngine(model, windows, settings.objective.value, settings.batch_size)
     problem = Problem(engine, candidates, sizes, total, budget, model.config.model_type, settings.seed)
-    steps = last(problem, progress) if settings.beam == 0 else greedy(problem, settings.beam, progress)
+    steps = run_method(settings, problem, progress)
     removed = steps[-1].removed if steps else []
     plan = problem.plan(removed)
     sleb = sum(n * (depth - i - 1) for i, n in enumerate(range(len(candidates), len(candidates) - len(steps), -1)))

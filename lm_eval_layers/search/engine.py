@@ -106,7 +106,7 @@ class CalibrationEngine:
                 hooks = list(hooks_for(b) if hooks_for else [])
                 if start:
                     hooks.append((blocks[0], _replacer(self.boundaries[start][b])))
-                with _hooks(hooks):
+                with pre_hooks(hooks):
                     logits = self.model(input_ids=ids, use_cache=False).logits
             scores.append(self._window_scores(logits, ids, b))
         self.block_passes += sum(0 if s.drop_attn and s.drop_mlp else 1 for s in rest.slots)
@@ -123,7 +123,7 @@ class CalibrationEngine:
         last = LayerPlan(self.num_layers, (Slot((self.num_layers - 1,)),))
         with apply_plan(self.model, last):
             first = self.layout.find_blocks(self.model)[0]
-            with _hooks([(first, _replacer(self.full_last[b]))]):
+            with pre_hooks([(first, _replacer(self.full_last[b]))]):
                 logits = self.model(input_ids=ids, use_cache=False).logits
         self.block_passes += 1 / len(self.batches)
         return logits.float().log_softmax(-1)
@@ -137,7 +137,7 @@ def _first_difference(a: LayerPlan, b: LayerPlan) -> int:
 
 
 @contextlib.contextmanager
-def _hooks(pairs: list[tuple[nn.Module, object]]) -> Iterator[None]:
+def pre_hooks(pairs: list[tuple[nn.Module, object]]) -> Iterator[None]:
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pairs]
     try:
         yield

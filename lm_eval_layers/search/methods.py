@@ -4,6 +4,11 @@
   scores best, re-scoring every remaining unit after each removal.
 - `beam:B`: keep the B best removal sets per step (greedy is B = 1).
 - `last` ("Reassessing Layer Pruning in LLMs"): remove the deepest units.
+- `bi` (ShortGPT): remove blocks in order of block influence, lowest first.
+- `scores:FILE`: remove units in the order of a `surgery score` ranking, lowest value first.
+- `angular` (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"): remove the
+  contiguous run of n blocks whose input and output are closest in angular distance at the last
+  token, d(l, n) = E_windows[arccos(cos(h_l, h_{l+n})) / π], the smallest n that meets the budget.
 Every method stops when the budget is met or no unit is left to remove, so each loop is bounded
 by the number of units.
 """
@@ -103,18 +108,84 @@ def greedy(problem: Problem, beam: int = 1, progress: Progress = lambda *a: None
 
 
 def last(problem: Problem, progress: Progress = lambda *a: None) -> list[Step]:
-    """Remove the deepest removable units first; each step's plan is scored for the record."""
+    """Remove the deepest removable units first."""
+    return ranked(problem, list(reversed(problem.candidates)), progress)
+
+
+def ranked(problem: Problem, order: list[Unit], progress: Progress = lambda *a: None) -> list[Step]:
+    """Remove units in the given order until the budget is met; each step's plan is scored."""
     engine, start = problem.engine, time.perf_counter()
     removed: list[Unit] = []
     steps: list[Step] = []
-    for unit in reversed(problem.candidates):
+    for unit in order:
         if _done(problem, removed):
             break
         removed = [*removed, unit]
         scores = engine.rebase(problem.plan(removed))
         steps.append(_step(problem, [(removed, scores)], start))
-        progress("removing the deepest units", len(removed), len(problem.candidates))
+        progress(f"removing in ranked order: {unit}", len(removed), len(order))
     return steps
+
+
+def block_influence_order(problem: Problem) -> list[Unit]:
+    """Removable blocks by ShortGPT's block influence on the calibration windows, lowest first."""
+    from lm_eval_layers.similarity import block_similarity
+
+    bi = block_similarity(problem.engine.model, problem.engine.batches)["bi"]
+    problem.engine.block_passes += problem.engine.num_layers
+    return sorted(problem.candidates, key=lambda u: (bi[int(u)], int(u)))
+
+
+def scores_order(problem: Problem, values: tuple[float, ...]) -> list[Unit]:
+    """Removable units by a scores file's values (in the units' stack order), lowest first."""
+    from lm_eval_layers.search.units import all_units
+
+    index = {u: i for i, u in enumerate(all_units(problem.engine.num_layers, isinstance(problem.candidates[0], str)))}
+    return sorted(problem.candidates, key=lambda u: (values[index[u]], index[u]))
+
+
+def angular(problem: Problem, progress: Progress = lambda *a: None) -> list[Step]:
+    """Gromov et al.'s contiguous run: one full pass records each block's input (and the last
+    block's output) at the last token; the closest run of the smallest length that meets the
+    budget is removed in one step."""
+    engine, start = problem.engine, time.perf_counter()
+    states = _last_token_states(engine)  # [L + 1, windows, d]: h_0 … h_L
+    engine.block_passes += engine.num_layers
+    removable = set(problem.candidates)
+    for n in range(1, len(problem.candidates) + 1):
+        runs = [list(range(l, l + n)) for l in range(engine.num_layers - n + 1) if removable.issuperset(range(l, l + n))]
+        runs = [r for r in runs if problem.budget.met(n, problem.kept(r), problem.total_params)]
+        if runs:
+            cos = torch.stack([torch.nn.functional.cosine_similarity(states[r[0]], states[r[-1] + 1], dim=-1) for r in runs])
+            distance = (torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean(-1)
+            best = runs[int(distance.argmin())]
+            progress("angular distance of contiguous runs", 1, 1)
+            return [_step(problem, [(best, engine.rebase(problem.plan(best)))], start)]
+    return []
+
+
+def _last_token_states(engine: CalibrationEngine) -> torch.Tensor:
+    from lm_eval_layers.search.engine import pre_hooks
+
+    blocks = engine.layout.find_blocks(engine.model)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(engine.num_layers + 1)]
+
+    def pre(k: int):
+        def hook(_m, args, kwargs):
+            rows[k].append((args[0] if args else kwargs["hidden_states"])[:, -1].float())
+        return hook
+
+    def post(_m, _args, _kwargs, out):
+        rows[-1].append((out[0] if isinstance(out, tuple) else out)[:, -1].float())
+
+    handle = blocks[-1].register_forward_hook(post, with_kwargs=True)
+    try:
+        with pre_hooks([(block, pre(k)) for k, block in enumerate(blocks)]):
+            for ids in engine.batches:
+                engine.model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return torch.stack([torch.cat(r) for r in rows])
 
 
 def _done(problem: Problem, removed: list[Unit]) -> bool:

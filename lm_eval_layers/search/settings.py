@@ -22,7 +22,7 @@ class Objective(str, Enum):
     kl = "kl"
 
 
-METHODS = ("greedy", "beam:B", "last")
+METHODS = ("greedy", "beam:B", "last", "bi", "angular", "scores:FILE")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class SearchSettings:
     remove: int | None = option(None, "--remove", "units to remove")
     params: str | None = option(None, "--params", "keep at most this share of the parameters, e.g. 75%")
     unit: SearchUnit = option(SearchUnit.block, "--unit", "whole blocks, or attention and MLP branches separately")
-    method: str = option("greedy", "--method", "greedy (SLEB), beam:B (the B best sets per step) or last (the deepest units)")
+    method: str = option("greedy", "--method", "greedy (SLEB), beam:B (the B best sets per step), last (the deepest units), "
+                         "bi (ShortGPT's block influence), angular (Gromov et al.'s closest contiguous run) or scores:FILE "
+                         "(a `surgery score` ranking, lowest first)")
     protect: str = option("0,-1", "--protect", "blocks never removed (plan syntax; '' for none)")
     objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, or kl from the full model's next-token distribution")
     calibration: Path | None = option(None, "--calibration", "text file (default: the local WikiText-2 test text)")
@@ -75,12 +77,22 @@ class SearchSettings:
 
     @property
     def beam(self) -> int:
-        """1 for greedy, B for beam:B, 0 for last."""
-        name, _, width = self.method.partition(":")
-        if name == "greedy" and not width:
-            return 1
-        if name == "last" and not width:
+        """The beam width of greedy (1) and beam:B; 0 for the methods that do not search."""
+        name, _, arg = self.method.partition(":")
+        if name in ("greedy", "last", "bi", "angular") and not arg:
+            if name == "angular" and self.unit == SearchUnit.halves:
+                raise UsageError("--method angular removes a contiguous run of blocks; use --unit block")
+            if name == "bi" and self.unit == SearchUnit.halves:
+                raise UsageError("--method bi ranks whole blocks; use --unit block")
+            return 1 if name == "greedy" else 0
+        if name == "beam" and arg.isdigit() and int(arg) >= 1:
+            return int(arg)
+        if name == "scores" and arg:
+            if not Path(arg).is_file():
+                raise UsageError(f"--method {self.method}: no scores file at {arg}; give a scores.json of `surgery score`")
             return 0
-        if name == "beam" and width.isdigit() and int(width) >= 1:
-            return int(width)
         raise UsageError(f"--method {self.method}: use one of {', '.join(METHODS)} (e.g. beam:4)")
+
+    @property
+    def method_name(self) -> str:
+        return self.method.partition(":")[0]
