@@ -37,3 +37,22 @@ def flag_of(settings: Any, name: str) -> str:
     """The flag of field `name`, for messages that name it (`--lora-dropout 1.5: ...`)."""
     meta = {f.name: f.metadata for f in dataclasses.fields(settings)}[name]
     return meta.get("flag") or name.upper()
+
+
+def coerce_enums(settings: Any) -> None:
+    """In `__post_init__`: accept an enum field's value as its plain string too (`unit="halves"`
+    from Python, as the command line gives it), refusing unknown values in one line."""
+    import enum
+    import typing
+
+    from lm_eval_layers.errors import UsageError
+
+    for name, hint in typing.get_type_hints(type(settings)).items():
+        kinds = [t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type) and issubclass(t, enum.Enum)]
+        value = getattr(settings, name, None)
+        if kinds and value is not None and not isinstance(value, kinds[0]):
+            try:
+                object.__setattr__(settings, name, kinds[0](value))
+            except ValueError:
+                choices = ", ".join(str(m.value) for m in kinds[0])
+                raise UsageError(f"{flag_of(settings, name)} {value!r}: use one of {choices}") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.precision import DType
-from lm_eval_layers.settings import MODEL_HELP, argument, option, required
+from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -38,6 +38,7 @@ class WriteSettings:
     verify: bool = option(False, "--verify", "reload the output and compare logits with the in-memory variant")
 
     def __post_init__(self) -> None:
+        coerce_enums(self)
         parse_size(self.max_shard_size)
         self.spec()  # the plan's syntax, before anything is opened
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType
-from lm_eval_layers.settings import MODEL_HELP, argument, option, required
+from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 from lm_eval_layers.windows import parse_shape
 
 
@@ -46,6 +46,7 @@ class SearchSettings:
     force: bool = option(False, "--force", "replace an existing --out / --plot")
 
     def __post_init__(self) -> None:
+        coerce_enums(self)
         if (self.remove is None) == (self.params is None):
             raise UsageError("give one budget: --remove K (units) or --params P% (share of parameters kept)")
         if self.remove is not None and self.remove < 1:
