@@ -53,7 +53,8 @@ def data_file(work: Path, dataset: str, limit: int | None) -> Path:
     return out
 
 
-def run(name: str, args: argparse.Namespace, folder: Path) -> dict:
+def ila_json(name: str, args: argparse.Namespace, folder: Path) -> dict:
+    """RUN's ila.json (with its wall time and command), computed once: an existing file is read."""
     out = folder / f"{name}.json"
     if out.is_file():
         return json.loads(out.read_text())
@@ -101,7 +102,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folder = args.results / "ila_runs"
     folder.mkdir(parents=True, exist_ok=True)
-    results = {name: run(name, args, folder) for name in args.runs}
+    results = {name: ila_json(name, args, folder) for name in args.runs}
     result = summary(results)
     (args.results / "ila_runs.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["runs"].items():

@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 
 from conftest import ARCHS, DATA, make_model
 from lm_eval_layers.arch import layout_for
-from lm_eval_layers.training.gates import Gates, UnitKind, lora_layers
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback, ILASettings, run_ila
+from lm_eval_layers.training.gates import Gates, lora_layers
+from lm_eval_layers.training.ila import EpsilonStop, EpsilonStopCallback, learn_gates
+from lm_eval_layers.training.ila_command import write_ila_json
 from lm_eval_layers.training.ila_compare import compare_runs, compare_scores, expected_jaccard
-from lm_eval_layers.training.ila_report import SCHEMA, TIMING_FIELDS
-from lm_eval_layers.training.ila_run import run as ila_run
+from lm_eval_layers.training.ila_file import SCHEMA, TIMING_FIELDS
+from lm_eval_layers.training.ila_settings import ILASettings
 from lm_eval_layers.training.selection import Selection, lora_config
+from lm_eval_layers.training.units import UnitKind
 from surgery.cli import app
 
 
@@ -199,7 +201,8 @@ def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
     lines, hits = [], []
     for seed in range(3):
         base, planted, examples, names = planted_teacher(seed)
-        result = run_ila(base, examples, 0, ILASettings(seed=seed, **settings), Console(quiet=True))
+        where = dict(model=f"planted seed {seed}", data="teacher samples", out=Path("unused.json"))  # not read here
+        result = learn_gates(base, examples, 0, ILASettings(**where, seed=seed, **settings), Console(quiet=True))
         assert [u.name for u in result.units] == names
         n = len(names)
         top = {names[i] for i in sorted(range(n), key=lambda i: -result.logits[i])[:3]}
@@ -229,17 +232,18 @@ def qa_data(tmp_path_factory) -> Path:
 SHORT = dict(max_steps=6, gate_steps=4, batch_size=4, max_length=64, window=2)
 
 
-def ila_file(model: Path, data: Path, out: Path, plot: Path | None = None, **settings) -> dict:
+def ranked(model: Path, data: Path, out: Path, plot: Path | None = None, **settings) -> dict:
     from rich.console import Console
 
-    return ila_run(str(model), str(data), out, plot, ILASettings(**{**SHORT, **settings}), Console(quiet=True))
+    return write_ila_json(ILASettings(model=str(model), data=str(data), out=out, plot=plot, **{**SHORT, **settings}),
+                          Console(quiet=True))
 
 
 @pytest.mark.slow
 def test_same_seed_and_data_give_the_same_ila_json(tiny_llama_dir, qa_data, tmp_path):
-    a = ila_file(tiny_llama_dir, qa_data, tmp_path / "a.json", tmp_path / "a.png", seed=3)
-    b = ila_file(tiny_llama_dir, qa_data, tmp_path / "b.json", seed=3)
-    c = ila_file(tiny_llama_dir, qa_data, tmp_path / "c.json", seed=4, unit=UnitKind.block)
+    a = ranked(tiny_llama_dir, qa_data, tmp_path / "a.json", tmp_path / "a.png", seed=3)
+    b = ranked(tiny_llama_dir, qa_data, tmp_path / "b.json", seed=3)
+    c = ranked(tiny_llama_dir, qa_data, tmp_path / "c.json", seed=4, unit=UnitKind.block)
     on_disk = json.loads((tmp_path / "a.json").read_text())
     assert on_disk == json.loads(json.dumps(a)) and (tmp_path / "a.png").stat().st_size > 0
     untimed = [{k: v for k, v in d.items() if k not in TIMING_FIELDS} for d in (a, b, c)]
@@ -257,22 +261,6 @@ def test_same_seed_and_data_give_the_same_ila_json(tiny_llama_dir, qa_data, tmp_
     assert [len(a["top"][k]) for k in ("10%", "25%", "50%")] == [4, 11, 21]
     assert sum(b["total"] for b in a["blocks"]) == pytest.approx(sum(u["gate"] for u in a["units"]))
     assert [u["name"] for u in c["units"]] == [str(i) for i in range(6)] and c["settings"]["unit"] == "block"
-
-
-def test_the_ila_command_defaults_are_the_settings_defaults():
-    """`surgery ila` restates ILASettings' defaults as options: they must not drift apart."""
-    import dataclasses
-    import inspect
-
-    from surgery.ila import run as command
-
-    fields = {f.name: f.default for f in dataclasses.fields(ILASettings)}
-    fields["lora_alpha"] = fields.pop("alpha")
-    options = {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
-    shared = set(fields) & set(options)
-    assert shared >= {"epsilon", "window", "patience", "max_steps", "gate_steps", "budget", "batch_size", "max_length"}
-    for name in shared:
-        assert getattr(options[name], "value", options[name]) == getattr(fields[name], "value", fields[name]), name
 
 
 def test_expected_jaccard_is_exact():
@@ -324,6 +312,55 @@ def test_compare_runs_and_against_a_scores_file(tmp_path):
     written = json.loads((tmp_path / "cmp.json").read_text())
     assert len(written["pairs"]) == 3 and len(written["scores"]) == 2
     assert "Jaccard" in result.stdout and "Spearman" in result.stdout
+
+
+def test_compare_refuses_files_without_what_it_reads_in_one_line(tmp_path):
+    """An empty ranking, and ila.json or scores.json files missing a key, are one `error:` line
+    naming the file and the key (not a ValueError or KeyError), and nothing is written."""
+    a = ila_doc([0.9, 0.5, 0.1])
+    scores = {"schema": "lm-eval-layers/scores/v1", "unit": "block", "num_layers": 3, "method": "ablation",
+              "units": [{"index": i, "value": v} for i, v in enumerate([3, 2, 1])]}
+    no_rank = json.loads(json.dumps(a))
+    del no_rank["units"][2]["rank"]
+    no_value = json.loads(json.dumps(scores))
+    del no_value["units"][1]["value"]
+    files = {"a.json": a, "empty.json": {**a, "units": []}, "no_rank.json": no_rank, "no_blocks.json": {k: v for k, v in a.items() if k != "blocks"},
+             "no_units.json": {k: v for k, v in a.items() if k != "units"}, "scores.json": scores, "no_value.json": no_value,
+             "no_unit.json": {k: v for k, v in scores.items() if k != "unit"}}
+    for name, doc in files.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+    cases = [
+        (["a.json", "empty.json"], "empty.json ranks no units"),
+        (["a.json", "no_rank.json"], "no_rank.json unit 2 has no 'rank'"),
+        (["a.json", "no_units.json"], "no_units.json has no 'units'"),
+        (["no_blocks.json", "scores.json"], "no_blocks.json has no 'blocks'"),
+        (["a.json", "no_value.json"], "no_value.json unit 1 has no 'value'; give a scores.json written by `surgery score"),
+        (["a.json", "no_unit.json"], "no_unit.json has no 'unit'"),
+    ]
+    for names, message in cases:
+        out = tmp_path / "cmp.json"
+        result = CliRunner().invoke(app, ["ila", "compare", *(str(tmp_path / n) for n in names), "--out", str(out)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (names, result.stderr)
+        assert not out.exists()
+
+
+def test_ila_option_mistakes_are_one_line_before_anything_is_read(tmp_path):
+    """Refused by the settings, before the model is opened (it does not even exist here)."""
+    cases = [
+        (["--lora-alpha", "0"], "--lora-alpha 0.0 must be positive"),
+        (["--plot", "gates.jpg"], "--plot gates.jpg: the heat map is a PNG"),
+        (["--rank", "0"], "--rank 0: the LoRA rank must be a positive whole number"),
+        *([(["--dtype", "float16"], "--dtype float16 trains with loss scaling on a GPU only")] if not torch.cuda.is_available() else []),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["ila", str(tmp_path / "no-model"), "--data", "d.jsonl", "--out", str(tmp_path / "ila.json"), *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.stderr)
+    assert list(tmp_path.iterdir()) == []
+    settings = ILASettings(model="m", data="d", out=tmp_path / "ila.json", rank=4)
+    assert settings.resolved().alpha == 8.0 and settings.alpha is None and settings.resolved().resolved() == settings.resolved()
+    assert "out" not in settings.recorded() and settings.recorded()["alpha"] == 8.0 and settings.recorded()["dtype"] == "float32"
 
 
 def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -21,8 +21,9 @@ from conftest import DATA, TASKS
 from lm_eval_layers.errors import DataError, SelectionError, UsageError
 from lm_eval_layers.training import data as D
 from lm_eval_layers.training.distill import distill_loss_sum
-from lm_eval_layers.training.run import TrainOptions, train
+from lm_eval_layers.training.fine_tune import fine_tune
 from lm_eval_layers.training.selection import select_blocks
+from lm_eval_layers.training.train_settings import TrainSettings
 from surgery.cli import app
 
 SFT = DATA / "sft"
@@ -61,9 +62,10 @@ def expanded(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def run(model, data, out, **options) -> dict:
+def train(model, data, out, **options) -> dict:
+    """`fine_tune` with short defaults (4 steps of 4 examples of at most 64 tokens)."""
     defaults = dict(max_steps=4, batch_size=4, max_length=64, save_steps=100)
-    return train(TrainOptions(model=str(model), data=str(data), out=Path(out), **{**defaults, **options}), QUIET)
+    return fine_tune(TrainSettings(model=str(model), data=str(data), out=Path(out), **{**defaults, **options}), QUIET)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -191,10 +193,12 @@ def test_selections_by_block_index(tmp_path):
 
 def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
     def check(**options):
-        TrainOptions(model="m", data="d", out=tmp_path / "o", **options).check()
+        TrainSettings(model="m", data="d", out=tmp_path / "o", **options)
 
     with pytest.raises(UsageError, match="--heal trains LoRA on all blocks"):
         check(heal=True, layers="1")
+    with pytest.raises(UsageError, match="--heal trains LoRA r=8; for rank 4 drop --heal: --lora 4 alone"):
+        check(heal=True, lora=4)
     with pytest.raises(UsageError, match="--adapter-only writes a LoRA adapter; add --lora R"):
         check(adapter_only=True)
     with pytest.raises(UsageError, match="--head trains the output head's full weights"):
@@ -203,28 +207,23 @@ def test_option_mistakes_are_refused_before_anything_is_read(tmp_path):
         check(max_steps=3, epochs=1.0)
     with pytest.raises(UsageError, match="--eval-fraction 1.5"):
         check(eval_fraction=1.5)
+    with pytest.raises(UsageError, match="--lora-dropout 1.0 must be in \\[0, 1\\)"):
+        check(lora=4, lora_dropout=1.0)
+    with pytest.raises(UsageError, match="--lora-alpha -1 must be positive"):
+        check(lora=4, lora_alpha=-1)
+    with pytest.raises(UsageError, match="--dtype float64: use float32, bfloat16 or float16"):
+        check(dtype="float64")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="--dtype float16 trains with loss scaling on a GPU only"):
             check(dtype="float16")
-    healed = TrainOptions(model="m", data="d", out=tmp_path / "o", heal=True)
-    healed.check()
-    assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.learning_rate) == (8, 16.0, 0.05, 2e-4)
-
-
-def test_the_train_command_defaults_are_train_options_defaults():
-    """`surgery train` hands its parameters to TrainOptions by name: same names, same defaults."""
-    import dataclasses
-    import inspect
-
-    from surgery.train import train as command
-
-    fields = {f.name: f for f in dataclasses.fields(TrainOptions) if f.name != "callbacks"}
-    parameters = inspect.signature(command).parameters
-    assert set(parameters) == set(fields)
-    for name, parameter in parameters.items():
-        default = getattr(parameter.default, "default", parameter.default)
-        if default is not ...:  # required options have no default
-            assert getattr(default, "value", default) == fields[name].default, name
+    given = TrainSettings(model="m", data="d", out=tmp_path / "o", heal=True)
+    healed = given.resolved()
+    assert (healed.lora, healed.lora_alpha, healed.lora_dropout, healed.lr) == (8, 16.0, 0.05, 2e-4)
+    assert given.lora is None and healed.resolved() == healed  # a copy, and resolving twice changes nothing
+    assert healed.out == (tmp_path / "o").resolve()
+    lora = TrainSettings(model="m", data="d", out=tmp_path / "o", lora=4).resolved()
+    assert (lora.lora_alpha, lora.lr) == (8.0, 2e-4)
+    assert TrainSettings(model="m", data="d", out=tmp_path / "o").resolved().lr == 1e-4
 
 
 @pytest.mark.slow
@@ -233,13 +232,13 @@ def test_a_run_that_cannot_fit_on_disk_is_refused_before_writing(tiny_llama_dir,
 
     monkeypatch.setattr(lm_eval_layers.checkpoint.sources, "free_bytes", lambda folder: 1000)
     with pytest.raises(UsageError, match="not enough free disk space in .*: this run needs about"):
-        run(tiny_llama_dir, qa_data, tmp_path / "out")
+        train(tiny_llama_dir, qa_data, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def ila_file(path: Path, unit: str, ranked: list[tuple[int, str]], depth: int = 6) -> Path:
     """A minimal ila.json (the fields `--layers-from` reads) ranking the given units first."""
-    from lm_eval_layers.training.ila_report import SCHEMA
+    from lm_eval_layers.training.ila_file import SCHEMA
 
     modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     every = [(b, "*") for b in range(depth)] if unit == "block" else [(b, m) for b in range(depth) for m in modules]
@@ -275,7 +274,7 @@ def test_top_units_of_an_ila_file(tmp_path):
 def test_new_blocks_train_alone(expanded, qa_data, tmp_path):
     """LLaMA-Pro: only the inserted blocks change; everything else keeps its exact bytes."""
     out = tmp_path / "trained"
-    log = run(expanded, qa_data, out, new_blocks=True, max_steps=8, lr=1e-2, eval_fraction=0.25)
+    log = train(expanded, qa_data, out, new_blocks=True, max_steps=8, lr=1e-2, eval_fraction=0.25)
     new = set(json.loads((expanded / "new_parameters.json").read_text())["layers_to_transform"])
     before, after = tensors(expanded), tensors(out)
     assert before.keys() == after.keys()
@@ -296,7 +295,7 @@ def test_head_and_last_block_train_alone(tiny_llama_dir, qa_data, tmp_path):
     """Partial-layer healing (`--layers -1 --head`): the last block and the output head change,
     and since this model ties the head to the input embeddings, those too; nothing else."""
     out = tmp_path / "trained"
-    log = run(tiny_llama_dir, qa_data, out, layers="-1", head=True, max_steps=4, lr=1e-2)
+    log = train(tiny_llama_dir, qa_data, out, layers="-1", head=True, max_steps=4, lr=1e-2)
     last = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"] - 1
     before, after = tensors(tiny_llama_dir), tensors(out)
     assert before.keys() == after.keys()
@@ -324,7 +323,7 @@ def test_bfloat16_trains_float32_masters_and_keeps_frozen_bytes(tiny_llama_dir, 
     the input, every untrained tensor byte-identical, never rounded through bf16."""
     seen = DtypesAtStart()
     out = tmp_path / "bf16"
-    run(tiny_llama_dir, qa_data, out, layers="2", lora=lora, dtype="bfloat16", lr=1e-2, max_steps=3, callbacks=[seen])
+    train(tiny_llama_dir, qa_data, out, layers="2", lora=lora, dtype="bfloat16", lr=1e-2, max_steps=3, callbacks=[seen])
     assert seen.bf16 and seen.pairs == {(True, torch.float32), (False, torch.bfloat16)}
     before, after = tensors(tiny_llama_dir), tensors(out)
     assert before.keys() == after.keys()
@@ -341,8 +340,8 @@ def test_lora_on_blocks_2_3_merged_and_as_adapter(tiny_llama_dir, qa_data, tmp_p
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     options = dict(layers="2-3", lora=4, lr=1e-2, lora_dropout=0.0)
-    log = run(tiny_llama_dir, qa_data, merged, **options)
-    run(tiny_llama_dir, qa_data, adapter, adapter_only=True, **options)
+    log = train(tiny_llama_dir, qa_data, merged, **options)
+    train(tiny_llama_dir, qa_data, adapter, adapter_only=True, **options)
     before, after = tensors(tiny_llama_dir), tensors(merged)
     assert before.keys() == after.keys()
     for name, tensor in before.items():
@@ -383,8 +382,8 @@ def test_lora_on_gpt2_conv1d(tok, qa_data, tmp_path):
     tok.save_pretrained(base)
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     options = dict(layers="1", lora=2, lr=1e-2, lora_dropout=0.0, max_steps=3)
-    log = run(base, qa_data, merged, **options)
-    run(base, qa_data, adapter, adapter_only=True, **options)
+    log = train(base, qa_data, merged, **options)
+    train(base, qa_data, adapter, adapter_only=True, **options)
     assert sorted(log["lora"]["target_modules"]) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     before, after = tensors(base), tensors(merged)
     changed = {n for n in before if not same_bytes(before[n], after[n])}
@@ -405,7 +404,7 @@ def test_ila_matrices_train_alone(tiny_llama_dir, qa_data, tmp_path):
     wanted = {f"model.layers.{b}.{m}.weight" for b, m in ranked}
     before = tensors(tiny_llama_dir)
     for name, options in (("full", {}), ("lora", {"lora": 2, "lora_dropout": 0.0})):
-        log = run(tiny_llama_dir, qa_data, tmp_path / name, layers_from=ila, top="10%", lr=1e-2, max_steps=3, **options)
+        log = train(tiny_llama_dir, qa_data, tmp_path / name, layers_from=ila, top="10%", lr=1e-2, max_steps=3, **options)
         after = tensors(tmp_path / name)
         assert {n for n in before if not same_bytes(before[n], after[n])} == wanted, name
     assert log["lora"]["target_modules"] == sorted(f"model.layers.{b}.{m}" for b, m in ranked)
@@ -426,19 +425,19 @@ class StopAt(TrainerCallback):
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_llama_dir, qa_data, tmp_path):
     options = dict(lora=4, lora_dropout=0.1, layers="1-4", lr=5e-3, max_steps=6, save_steps=3, seed=3)
     whole = tmp_path / "whole"
-    run(tiny_llama_dir, qa_data, whole, **options)
+    train(tiny_llama_dir, qa_data, whole, **options)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama_dir, qa_data, out, callbacks=[StopAt(3)], **options)
+        train(tiny_llama_dir, qa_data, out, callbacks=[StopAt(3)], **options)
     assert not out.exists() and (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-3").is_dir()
     with pytest.raises(UsageError, match="holds an interrupted run; continue it with --resume"):
-        run(tiny_llama_dir, qa_data, out, **options)
+        train(tiny_llama_dir, qa_data, out, **options)
     with pytest.raises(UsageError, match="other options than the interrupted run \\(lr\\)"):
-        run(tiny_llama_dir, qa_data, out, resume=True, **{**options, "lr": 1e-3})
+        train(tiny_llama_dir, qa_data, out, resume=True, **{**options, "lr": 1e-3})
     torn = tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-5"  # killed while saving: no trainer_state.json
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"")
-    log = run(tiny_llama_dir, qa_data, out, resume=True, **options)
+    log = train(tiny_llama_dir, qa_data, out, resume=True, **options)
     assert log["resumed_from_step"] == 3 and log["steps"] == 6
     a, b = tensors(whole), tensors(out)
     # Same data order, dropout masks (RNG state) and optimizer state: equal up to float rounding.
@@ -467,18 +466,24 @@ def test_distillation_from_the_unpruned_model(tiny_llama_dir, qa_data, tmp_path)
     pruned = tmp_path / "pruned"
     assert CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--drop", "4-5", "--out", str(pruned)]).exit_code == 0
     out = tmp_path / "healed"
-    log = run(pruned, qa_data, out, distill_from=str(tiny_llama_dir), lora=4, lr=1e-2, max_steps=6, temperature=2.0)
+    log = train(pruned, qa_data, out, distill_from=str(tiny_llama_dir), lora=4, lr=1e-2, max_steps=6, temperature=2.0)
     assert log["method"] == "LoRA + distillation" and log["distill"]["teacher"] == str(tiny_llama_dir)
     curve = [e["loss"] for e in log["loss_curve"]]
     assert curve[-1] < curve[0]
     assert T.AutoConfig.from_pretrained(out).num_hidden_layers == 4
+    # The card names the model the pruned folder came from (its layer_plan.json), not the folder.
+    assert f"base_model: {tiny_llama_dir}\n" in (out / "README.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*out.iterdir(), *pruned.iterdir()] if p.suffix == ".safetensors"}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # as prune writes it, not transformers' private 0600
 
 
 @pytest.mark.slow
 def test_gguf_model_trains_after_dequantising(qa_data, tmp_path):
     """The embedded SmolLM2 (GGUF): dequantised to fp32 safetensors in the work folder, then trained."""
     out = tmp_path / "smol"
-    log = run("smollm2", qa_data, out, layers="-1", lora=2, max_steps=2, batch_size=2, max_length=64)
+    log = train("smollm2", qa_data, out, layers="-1", lora=2, max_steps=2, batch_size=2, max_length=64)
     assert log["steps"] == 2 and log["blocks"] == [29]
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["dtype"] == "float32"
@@ -521,6 +526,11 @@ def test_each_bad_input_is_one_line_exit_2_and_nothing_written(tiny_llama_dir, q
     (inputs / "empty.jsonl").write_text("\n")
     (inputs / "missing.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
     ila = ila_file(inputs / "ila.json", "block", [(1, "*")])
+    unranked, empty_ila = inputs / "unranked.json", inputs / "empty_ila.json"
+    document = json.loads(ila.read_text())
+    del document["units"][1]["rank"]
+    unranked.write_text(json.dumps(document))
+    empty_ila.write_text(json.dumps({**document, "units": []}))
     teacher = inputs / "teacher"  # same weights, a tokenizer with one more token
     teacher.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -542,6 +552,13 @@ def test_each_bad_input_is_one_line_exit_2_and_nothing_written(tiny_llama_dir, q
         ([model, *data, "--layers-from", str(ila), "--top", "150%"], "--top 150% is outside (0, 100%]"),
         ([model, *data, "--layers-from", str(ila), "--top", "0%"], "--top 0% is outside (0, 100%]"),
         ([model, *data, "--head", "--lora", "4"], "--head trains the output head's full weights"),
+        ([model, *data, "--lora", "4", "--lora-dropout", "1.5"], "--lora-dropout 1.5 must be in [0, 1)"),
+        ([model, *data, "--lora", "4", "--lora-alpha", "0"], "--lora-alpha 0.0 must be positive"),
+        ([model, *data, "--heal", "--lora", "4"], "--heal trains LoRA r=8; for rank 4 drop --heal"),
+        ([model, *data, "--layers-from", str(unranked), "--top", "30%"], f"{unranked} unit 1 has no 'rank'"),
+        ([model, *data, "--layers-from", str(empty_ila), "--top", "30%"], f"{empty_ila} ranks no units"),
+        *([([model, *data, "--dtype", "float16"], "--dtype float16 trains with loss scaling on a GPU only")]
+          if not torch.cuda.is_available() else []),
         ([model, *data, "--lora", "4", "--distill-from", str(teacher)], "has another tokenizer than the model"),
         ([model, *data, "--out", str(busy)], "exists and is not empty; choose another folder or pass --force"),
     ]
@@ -594,7 +611,7 @@ def test_trained_folder_scores_the_same_in_stock_lm_eval_hf_and_layered(tiny_lla
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path / "trained"
-    run(tiny_llama_dir, qa_data, folder, layers="4-5", lr=1e-2)
+    train(tiny_llama_dir, qa_data, folder, layers="4-5", lr=1e-2)
     results = tmp_path / "results"
     env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(local_data), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -242,8 +242,17 @@ def new_parameter_names(source: Source, plan: LayerPlan, layout: Layout) -> list
 
 
 def base_model(source: Source) -> str:
-    """The model card's `base_model`: a hub id where one is known."""
-    return HUB_ID if source.name == ALIAS else source.name
+    """The model card's `base_model`: for a folder this tool wrote, the model its plan file
+    records, followed back through earlier outputs of this tool (a pruned model's healed
+    version names the original, not the pruned folder); a hub id where one is known."""
+    name, folder, seen = source.name, source.folder, set()
+    while folder is not None and (Path(folder) / PLAN_FILE).is_file() and Path(folder) not in seen:
+        seen.add(Path(folder))
+        recorded = json.loads((Path(folder) / PLAN_FILE).read_text()).get("base_model")
+        if not recorded:
+            break
+        name, folder = recorded, Path(recorded).expanduser()
+    return HUB_ID if name == ALIAS else name
 
 
 @contextmanager

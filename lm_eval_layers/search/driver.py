@@ -6,7 +6,6 @@ model once, score candidates on calibration windows (`engine.py`) with a method
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -1,8 +1,8 @@
 """Learned gates on LoRA updates: one logit s per unit, the unit's LoRA delta scaled by σ(s).
 
-A unit is one weight matrix of a block (q/k/v/o, gate/up/down, GPT-2's `c_attn`, …), or with
-`UnitKind.block` every matrix of a block under one shared gate. The gate is a forward hook on
-each PEFT LoRA layer's `lora_B` module: PEFT computes a layer's output as
+A unit (`units.Unit`) is one weight matrix of a block (q/k/v/o, gate/up/down, GPT-2's `c_attn`,
+…), or with `UnitKind.block` every matrix of a block under one shared gate. The gate is a
+forward hook on each PEFT LoRA layer's `lora_B` module: PEFT computes a layer's output as
 `base(x) + lora_B(lora_A(dropout(x))) · scaling`, so scaling `lora_B`'s output by σ(s) scales
 exactly the delta, for `nn.Linear` and GPT-2's transposed `Conv1D` alike, without touching PEFT.
 The logits are an ordinary `nn.Parameter` registered on the model, so the Trainer's optimizer
@@ -11,8 +11,6 @@ finds them like any other trainable tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -20,26 +18,9 @@ from torch import nn
 
 from lm_eval_layers.arch import Layout
 from lm_eval_layers.errors import SelectionError
+from lm_eval_layers.training.units import WHOLE_BLOCK, Unit, UnitKind
 
 GATES_ATTRIBUTE = "ila_gates"  # where the gates live on the model (so its parameters() include them)
-WHOLE_BLOCK = "*"  # the module name of a unit that ties all matrices of a block
-
-
-class UnitKind(str, Enum):
-    """What one gate covers."""
-
-    module = "module"  # one weight matrix of a block (the paper's "layer")
-    block = "block"  # all matrices of a block, tied to one gate
-
-
-@dataclass(frozen=True)
-class Unit:
-    block: int
-    module: str  # relative to the block; WHOLE_BLOCK for a tied block
-
-    @property
-    def name(self) -> str:
-        return str(self.block) if self.module == WHOLE_BLOCK else f"{self.block}.{self.module}"
 
 
 def lora_layers(model: nn.Module, layout: Layout) -> list[tuple[int, str, Any]]:

@@ -28,67 +28,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import transformers
 from rich.console import Console
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.training import data as D
-from lm_eval_layers.training import report
-from lm_eval_layers.training.gates import Gates, Unit, UnitKind, delta_norms
-from lm_eval_layers.training.run import OptimizerHoldsSelection, training_arguments
+from lm_eval_layers.training.gates import Gates, delta_norms
+from lm_eval_layers.training.ila_settings import ILASettings
 from lm_eval_layers.training.selection import Selection, lora_config
-
-
-@dataclass
-class ILASettings:
-    """Everything that defines an ILA run; defaults are the command's defaults."""
-
-    rank: int = 8
-    alpha: float | None = None  # default 2 × rank
-    lr: float = 1e-3  # stage 1 (LoRA)
-    # The stop rule's defaults, from SmolLM2 on nq_open (batch 16): per-step losses scatter ~10%,
-    # so 10-step means move ±6% on a plateau and ε 0.02 over 10 steps never stopped in 300 steps;
-    # 20-step means move ~2-3%, and ε 0.05 twice in a row stops once the plateau is reached.
-    epsilon: float = 0.05  # relative change of the windowed mean loss that counts as stable
-    patience: int = 2  # consecutive stable windows before stage 1 stops
-    window: int = 20  # steps per window
-    max_steps: int = 300  # stage-1 cap
-    gate_steps: int = 60  # stage 2
-    gate_lr: float = 0.1
-    gate_init: float = 3.0  # s at the start of stage 2: σ(3) ≈ 0.95, every update nearly on
-    budget: float = 0.25  # share of units the penalty lets stay open
-    penalty: float = 1.0  # λ
-    unit: UnitKind = UnitKind.module
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    dtype: str = "float32"  # of the loaded model; on CPUs without AMX the bfloat16 backward is many times slower
-
-    def check(self) -> None:
-        """Option mistakes, caught before anything is read."""
-        checks = [
-            (self.rank < 1, f"--rank {self.rank}: the LoRA rank must be a positive whole number, e.g. 8"),
-            (self.alpha is not None and self.alpha <= 0, "--lora-alpha must be positive"),
-            (not 0 < self.budget < 1, f"--budget {self.budget} must be a share of units in (0, 1), e.g. 0.25"),
-            (self.epsilon <= 0, "--epsilon must be positive, e.g. 0.05"),
-            (self.patience < 1 or self.window < 1, "--patience and --window must be at least 1"),
-            (self.max_steps < 1 or self.gate_steps < 1, "--max-steps and --gate-steps must be at least 1"),
-            (self.lr <= 0 or self.gate_lr <= 0, "--lr and --gate-lr must be positive"),
-            (self.penalty < 0, "--penalty must be zero or positive"),
-            (self.batch_size < 1, "--batch-size must be at least 1"),
-            (self.max_length < 2, "--max-length must be at least 2 tokens"),
-            (self.dtype not in ("float32", "bfloat16", "float16"), f"--dtype {self.dtype}: use float32, bfloat16 or float16"),
-        ]
-        for bad, message in checks:
-            if bad:
-                raise UsageError(message)
-
-    def recorded(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, UnitKind) else v) for k, v in dataclasses.asdict(self).items()} | {
-            "alpha": self.alpha or 2.0 * self.rank, "lora_dropout": 0.0, "lr_schedule": "constant",
-        }
+from lm_eval_layers.training.trainer import (
+    OptimizerHoldsSelection, ProgressBar, float32_masters, loss_curve, training_arguments,
+)
+from lm_eval_layers.training.units import Unit
 
 
 class EpsilonStop:
@@ -174,33 +129,33 @@ class ILAResult:
 
 
 @torch.enable_grad()  # also when called from an inference (no-grad) context
-def run_ila(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settings: ILASettings,
-            console: Console, callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
-    """Both stages on a loaded model (LoRA is added to it in place)."""
-    import transformers
+def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settings: ILASettings,
+                console: Console, callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
+    """Both stages on a loaded model (LoRA is added to it in place): the units' gate logits.
+    Only the method's fields of `settings` are read (not its paths)."""
     from peft import get_peft_model
-    from transformers.trainer_callback import PrinterCallback
 
-    settings.check()
+    settings = settings.resolved()
     if len(examples) < settings.batch_size:
         raise UsageError(f"{len(examples)} examples are fewer than --batch-size {settings.batch_size}; lower it")
     layout = layout_for(model)
     depth = len(layout.find_blocks(model))
     transformers.set_seed(settings.seed)  # LoRA's initialisation draws from it
     config = lora_config(model, layout, Selection(tuple(range(depth)), f"all {depth} blocks"), settings.rank,
-                         settings.alpha or 2.0 * settings.rank, 0.0)
+                         settings.alpha, 0.0)
     peft = get_peft_model(model, config)
+    float32_masters(peft)  # the precision policy of `surgery train`: trained tensors in float32
     collator = D.Collator(pad_id)
 
     with tempfile.TemporaryDirectory(prefix="ila-") as tmp:
         args = training_arguments(Path(tmp), batch_size=settings.batch_size, learning_rate=settings.lr, seed=settings.seed,
-                                  max_steps=settings.max_steps, lr_scheduler_type="constant")
+                                  dtype=settings.dtype, max_steps=settings.max_steps, lr_scheduler_type="constant")
 
         def trainer(cls: type, run_args: Any, **extra: Any) -> Trainer:
             t = cls(model=peft, args=run_args, train_dataset=list(examples), data_collator=collator,
                     callbacks=[OptimizerHoldsSelection(), *callbacks], **extra)
             t.remove_callback(PrinterCallback)
-            t.add_callback(report.ProgressBar(console))
+            t.add_callback(ProgressBar(console))
             return t
 
         console.print(f"stage 1: LoRA r={settings.rank} on {len(config.target_modules)} modules × {depth} blocks, "
@@ -226,11 +181,11 @@ def run_ila(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settin
         stage2 = time.perf_counter() - start
 
     logits = gates.logits.detach().float()
-    curve2 = [{**entry, **parts} for entry, parts in zip(report.loss_curve(second.state.log_history), second.parts)]
+    curve2 = [{**entry, **parts} for entry, parts in zip(loss_curve(second.state.log_history), second.parts)]
     return ILAResult(
         units=gates.units, logits=logits.tolist(), gates=torch.sigmoid(logits).tolist(), delta_norms=norms,
         stop_step=stop.stop_step, stage1_steps=first.state.global_step,
-        stage1_curve=report.loss_curve(first.state.log_history), stage2_curve=curve2,
+        stage1_curve=loss_curve(first.state.log_history), stage2_curve=curve2,
         lora_modules=sorted(config.target_modules),
         seconds={"stage1": stage1, "stage2": stage2, "stage1_per_step": stage1 / max(first.state.global_step, 1),
                  "stage2_per_step": stage2 / max(second.state.global_step, 1)},

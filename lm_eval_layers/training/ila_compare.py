@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
+from pathlib import Path
 from typing import Any, Sequence
 
+from rich.table import Table
+
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.training.ila_report import TOP_SHARES, order_by_score, share_label, top_k
+from lm_eval_layers.training.ila_file import TOP_SHARES, load_json, order_by_score, require, share_label, top_k, top_units
+from lm_eval_layers.training.ila_file import validate as validate_ila
+
+SCORES_FIX = "give a scores.json written by `surgery score --unit block`"
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -30,9 +36,7 @@ def expected_jaccard(n: int, k: int) -> float:
 
 
 def _top_sets(document: dict[str, Any]) -> dict[str, set[str]]:
-    units = document["units"]
-    order = sorted(units, key=lambda u: u["rank"])
-    return {share_label(p): {u["name"] for u in order[:top_k(p, len(units))]} for p in TOP_SHARES}
+    return {share_label(p): {u["name"] for u in top_units(document, p)} for p in TOP_SHARES}
 
 
 def compare_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -54,8 +58,11 @@ def compare_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[s
     return rows
 
 
-def block_totals(document: dict[str, Any]) -> list[float]:
+def block_totals(document: dict[str, Any], name: str) -> list[float]:
     """Σ σ(s) per block, in block order."""
+    require(document, ("blocks",), name)
+    for i, block in enumerate(document["blocks"]):
+        require(block, ("block", "total"), f"{name} block entry {i}")
     return [b["total"] for b in sorted(document["blocks"], key=lambda b: b["block"])]
 
 
@@ -64,11 +71,14 @@ def compare_scores(name: str, document: dict[str, Any], scores_name: str, scores
     top-K overlap |top_K(ILA) ∩ top_K(scores)| / K (chance: K / N)."""
     from scipy import stats
 
-    if scores.get("unit") != "block":
-        raise UsageError(f"{scores_name} scores {scores.get('unit')} units; compare with a `surgery score --unit block` file")
-    totals = block_totals(document)
+    require(scores, ("unit", "num_layers", "units"), scores_name, SCORES_FIX)
+    if scores["unit"] != "block":
+        raise UsageError(f"{scores_name} scores {scores['unit']} units; compare with a `surgery score --unit block` file")
+    for i, unit in enumerate(scores["units"]):
+        require(unit, ("index", "value"), f"{scores_name} unit {i}", SCORES_FIX)
+    totals = block_totals(document, name)
     values = [float(u["value"]) for u in sorted(scores["units"], key=lambda u: int(u["index"]))]
-    if len(values) != len(totals) or scores.get("num_layers") != document["num_layers"]:
+    if len(values) != len(totals) or scores["num_layers"] != document["num_layers"]:
         raise UsageError(f"{scores_name} scores {len(values)} blocks but {name} has {len(totals)}; use files of the same model")
     rho = float(stats.spearmanr(totals, values).statistic)
     ila_order, score_order = order_by_score(totals), order_by_score(values)
@@ -79,3 +89,42 @@ def compare_scores(name: str, document: dict[str, Any], scores_name: str, scores
         shared = len(set(ila_order[:k]) & set(score_order[:k]))
         overlap.append({"top": share_label(p), "k": k, "n": n, "overlap": shared / k, "chance": k / n})
     return {"ila": name, "scores": scores_name, "method": scores.get("method"), "spearman": rho, "top_k": overlap}
+
+
+def compare_files(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Every pair of the ila.json files, and every ila.json against every scores.json among `paths`."""
+    from lm_eval_layers.importance.scoring import SCHEMA as SCORES_SCHEMA
+
+    runs, scores = [], []
+    for path in paths:
+        document = load_json(path)
+        if document.get("schema") == SCORES_SCHEMA:
+            scores.append((str(path), document))
+        else:
+            runs.append((str(path), validate_ila(document, path)))
+    if not runs or len(runs) + len(scores) < 2:
+        raise UsageError("compare needs two ila.json files, or one with a scores.json of `surgery score`")
+    return {"pairs": compare_runs(runs),
+            "scores": [compare_scores(name, doc, s_name, s_doc) for name, doc in runs for s_name, s_doc in scores]}
+
+
+def tables(comparison: dict[str, list[dict[str, Any]]]) -> list[Table]:
+    """The comparison as rich tables: the pairs' overlaps, then ILA against the scores files."""
+    out = []
+    pairs, against = comparison["pairs"], comparison["scores"]
+    if pairs:
+        t = Table(title="ILA top sets: Jaccard overlap (chance = expected Jaccard of two random K-of-N sets)")
+        for col in ("A", "B", "top", "K of N", "Jaccard", "chance"):
+            t.add_column(col, justify="left" if col in ("A", "B") else "right")
+        for r in pairs:
+            t.add_row(r["a"], r["b"], r["top"], f"{r['k']} of {r['n']}", f"{r['jaccard']:.3f}", f"{r['chance']:.3f}")
+        out.append(t)
+    if against:
+        t = Table(title="per-block ILA totals vs `surgery score` values (top-K overlap, chance K/N)")
+        for col in ("ILA", "scores", "method", "Spearman ρ", *(f"top {r['top']}" for r in against[0]["top_k"])):
+            t.add_column(col, justify="left" if col in ("ILA", "scores", "method") else "right")
+        for r in against:
+            t.add_row(r["ila"], r["scores"], str(r["method"]), f"{r['spearman']:+.3f}",
+                      *(f"{o['overlap']:.2f} ({o['chance']:.2f})" for o in r["top_k"]))
+        out.append(t)
+    return out

@@ -1,59 +1,16 @@
-"""What a training run shows and leaves behind: a progress bar (loss, tokens/s), a summary
-table, `train_log.json`, `loss.png` and the model card."""
+"""What a `surgery train` run leaves behind: a summary table, `train_log.json`, `loss.png` and
+the model card (its progress bar is `trainer.ProgressBar`, shared with ILA)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import TrainerCallback
 
 LOG_FILE = "train_log.json"
 PLOT_FILE = "loss.png"
-
-
-class ProgressBar(TrainerCallback):
-    """A rich progress bar over optimizer steps with the latest loss and tokens per second."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-        self.task: Any = None
-        self.start = 0.0
-        self.start_tokens = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.progress = Progress(
-            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
-        self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is None:
-            return
-        losses = [e["loss"] for e in state.log_history if "loss" in e]
-        speed = (state.num_input_tokens_seen - self.start_tokens) / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, completed=state.global_step, loss=f"{losses[-1]:.4f}" if losses else "-",
-                             speed=f"{speed:,.0f}")
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Trainer's per-step log entries reduced to step, loss, learning rate and tokens seen."""
-    keys = ("step", "loss", "learning_rate", "grad_norm", "num_input_tokens_seen")
-    return [{k: e[k] for k in keys if k in e} for e in log_history if "loss" in e]
 
 
 def write_log(folder: Path, log: dict[str, Any]) -> None:

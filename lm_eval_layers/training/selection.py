@@ -30,11 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from lm_eval_layers.checkpoint import NEW_PARAMS_FILE
 from lm_eval_layers.arch import Layout
+from lm_eval_layers.checkpoint import NEW_PARAMS_FILE
 from lm_eval_layers.errors import PlanError, SelectionError
 from lm_eval_layers.plan import format_indices, parse_indices
-
+from lm_eval_layers.training import ila_file
+from lm_eval_layers.training.units import WHOLE_BLOCK, UnitKind
 
 
 @dataclass(frozen=True)
@@ -97,21 +98,17 @@ def with_head(selection: Selection) -> Selection:
 
 def top_units(path: Path, top: str, num_blocks: int, model_type: str | None) -> Selection:
     """The top share of an ila.json's units (by its rank), as blocks or as single matrices."""
-    from lm_eval_layers.training import ila_report
-    from lm_eval_layers.training.gates import WHOLE_BLOCK
-
     share = parse_share(top)
-    document = ila_report.read(path)
+    document = ila_file.read(path)
     if document.get("num_layers") != num_blocks or (model_type and document.get("model_type") not in (None, model_type)):
         raise SelectionError(
             f"{path} is for a {document.get('model_type')} model with {document.get('num_layers')} blocks, this one is "
             f"{model_type} with {num_blocks}; run `surgery ila` on this model"
         )
-    units = sorted(document["units"], key=lambda u: u["rank"])
-    chosen = units[: ila_report.top_k(share, len(units))]
+    chosen = ila_file.top_units(document, share)
     blocks = tuple(sorted({int(u["block"]) for u in chosen}))
-    label = f"top {top.strip()} of {len(units)} {document['unit']} units of {Path(path).name}"
-    if document["unit"] == "block":
+    label = f"top {top.strip()} of {len(document['units'])} {document['unit']} units of {Path(path).name}"
+    if document["unit"] == UnitKind.block.value:
         return Selection(blocks, f"{label}: blocks {format_indices(blocks)}")
     matrices = tuple(sorted((int(u["block"]), u["module"]) for u in chosen if u["module"] != WHOLE_BLOCK))
     return Selection(blocks, f"{label}: {len(matrices)} matrices in blocks {format_indices(blocks)}", matrices)
