@@ -65,7 +65,7 @@ def main() -> None:
     b: dict[str, dict] = {"plain": {}, "shared_contexts": {}}
     lm_eval_loop = Evaluator(lm, [TASK], manager, args.limit, prepared=False)
     for mode, fast_loop in (("plain", False), ("shared_contexts", True)):
-        lm.fast = fast_loop
+        lm.prepared = fast_loop
         for k in subset:
             r = lm_eval_loop.evaluate(PlanSpec.from_args(drop=k))
             b[mode][k] = {"seconds": r.seconds, "acc": r.metrics[TASK]["acc"]}

@@ -1,7 +1,8 @@
 """Every error a user can cause, under one base class.
 
-The CLI turns a `LayersError` into one `error:` line and exit code 2 (`surgery.cli.user_errors`);
-nothing else is caught there, so a bug still shows its traceback. Each message names the problem
+The CLI turns a `LayersError` into one `error:` line and exit code 2 (`surgery.options.user_errors`),
+and so does the `layered` plugin when the stock `lm_eval` command runs it (`model.py`); nothing
+else is caught there, so a bug still shows its traceback. Each message names the problem
 and the fix. They subclass `ValueError` because, to a Python caller (lm-eval's `simple_evaluate`,
 a notebook), each one is a bad argument.
 """

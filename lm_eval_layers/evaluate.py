@@ -3,9 +3,9 @@ metrics and per-example columns, under lm-eval's bare metric names (`acc`, `acc_
 `perplexity`, …; columns in `columns.py`).
 
 The demo, `surgery score`, training reports and the benchmarks all evaluate through
-`Evaluator`. It prepares the requests once and reuses them for every variant (`fast.py`: shared
-contexts, the full model's prefix reused) when every task is a log-likelihood or multiple-choice
-task; otherwise it runs lm-eval's own loop per variant and `Evaluator.fallback` says why.
+`Evaluator`. It prepares the requests once and reuses them for every variant (`prepared.py`:
+shared contexts, the full model's prefix reused) when every task is a log-likelihood or
+multiple-choice task; otherwise it runs lm-eval's own loop per variant and `Evaluator.fallback` says why.
 Metrics are the tasks' own (`process_results` and their aggregations) on either path.
 """
 
@@ -39,7 +39,7 @@ class Evaluator:
 
     def __init__(self, lm: Any, tasks: list[str], manager: Any = None, limit: int | float | None = None,
                  prepared: bool = True) -> None:
-        from lm_eval_layers.fast import FastEvaluator, PreparedTasks, UnsupportedTask
+        from lm_eval_layers.prepared import PreparedEngine, PreparedRequests, UnsupportedTask
 
         self.lm, self.limit = lm, limit
         self.manager = manager or task_manager()
@@ -47,12 +47,12 @@ class Evaluator:
         self.tasks = load_tasks(self.manager, self.task_names)
         self.lm.use_plan(LayerPlan.identity(lm.plan.num_layers))
         self.fallback: str | None = None
-        self.engine: FastEvaluator | None = None
+        self.engine: PreparedEngine | None = None
         if not prepared:
             self.fallback = "prepared requests switched off"
             return
         try:
-            self.engine = FastEvaluator(lm, PreparedTasks(lm, self.tasks, None if limit is None else int(limit)))
+            self.engine = PreparedEngine(lm, PreparedRequests(lm, self.tasks, None if limit is None else int(limit)))
         except UnsupportedTask as e:
             self.fallback = str(e)
 

@@ -8,7 +8,8 @@ lengths share a batch right-padded, with the padding masked and explicit positio
 token sees exactly what it sees alone. Where a sliding window could cut a padded row
 differently from the unpadded one, only contexts of equal length are batched together.
 
-Used by `LayeredLM` (lm-eval's loglikelihood requests) and by the evaluator's prepared requests (`fast.py`, many variants).
+These are the prepared requests of `LayeredLM` (lm-eval's loglikelihood requests, per call) and of
+the evaluator (`prepared.py`: prepared once for many variants).
 """
 
 from __future__ import annotations

@@ -3,16 +3,25 @@
     lm_eval --model layered --model_args pretrained=MODEL,drop=24-27 --tasks ...
 
 Everything else is lm-eval's `HFLM` (subclassed, not forked), so every `hf` argument keeps
-working. Log-likelihood requests of causal models run each shared context once
-(`loglikelihood.py`): the same numbers as `hf` (to float rounding), less compute; `fast=False`
-gives `hf`'s own loop. The plan is resolved against the config before any weight is loaded, so a bad plan
-fails in a second, not after minutes of loading.
+working. Log-likelihood requests of causal models run as prepared requests (`loglikelihood.py`:
+each shared context once), the same numbers as `hf` to float rounding with less compute;
+`fast=False` (the user-facing switch) gives `hf`'s own loop. The arguments and the plan are checked
+against the config before any weight is loaded, so a misspelt key or a bad plan fails in a
+second, not after minutes of loading; under lm-eval's console script it is one `error:` line.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import difflib
+import functools
+import importlib.util
+import inspect
+import re
+import sys
+from typing import Any, Iterator
 
+import torch
 import transformers
 from tqdm import tqdm
 from lm_eval.api.registry import register_model
@@ -20,7 +29,7 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_layers.arch import check_plan, num_layers
 from lm_eval_layers.default_model import resolve_alias
-from lm_eval_layers.errors import UsageError
+from lm_eval_layers.errors import LayersError, UsageError
 from lm_eval_layers.identity import digest, model_identity
 from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
@@ -56,27 +65,26 @@ def _load_config(pretrained: str, kwargs: dict[str, Any]) -> Any:
 class LayeredLM(HFLM):
     """An `hf` model evaluated as a variant: blocks dropped, halves removed, blocks inserted."""
 
-    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool = True, **kwargs: Any) -> None:
-        self.fast = fast if isinstance(fast, bool) else str(fast).lower() in ("1", "true", "yes")
-        spec = PlanSpec.from_args(**load_scores(plan_args(kwargs)))
-        pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))
-        if gguf_file is not None:
-            kwargs["gguf_file"] = gguf_file
-        if isinstance(pretrained, transformers.PreTrainedModel):
-            # Leave the caller's model untouched: the variant lives on a clone sharing its weights.
-            plan = spec.resolve(num_layers(pretrained.config), pretrained.config.model_type)
-            if not plan.is_identity:
-                pretrained = clone_model(pretrained)
-        else:
-            config = _load_config(pretrained, kwargs)
+    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool | str = True, **kwargs: Any) -> None:
+        with _one_line_under_lm_eval_cli():
+            self.prepared = _switch("fast", fast)  # prepared requests for log-likelihoods, or hf's own loop
+            spec = PlanSpec.from_args(**load_scores(plan_args(kwargs)))
+            _check_dtypes(kwargs)
+            pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))
+            if gguf_file is not None:
+                kwargs["gguf_file"] = gguf_file
+            config = pretrained.config if isinstance(pretrained, transformers.PreTrainedModel) else _load_config(pretrained, kwargs)
+            _check_names(kwargs, config)
             plan = spec.resolve(num_layers(config), config.model_type)
             check_plan(plan, config)  # e.g. averaged mixture-of-experts blocks: refused before loading
-        self._settings = _settings(pretrained, kwargs, self.fast)
-        self._cache_db: Any = None  # lm-eval's response cache, once `set_cache_hook` hands it over
-        super().__init__(pretrained=pretrained, **kwargs)
-        self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
-        self.variant: Variant | None = None
-        self.use_plan(plan)
+            if isinstance(pretrained, transformers.PreTrainedModel) and not plan.is_identity:
+                pretrained = clone_model(pretrained)  # the caller's model is left untouched
+            self._settings = _settings(pretrained, kwargs, self.prepared)
+            self._cache_db: Any = None  # lm-eval's response cache, once `set_cache_hook` hands it over
+            super().__init__(pretrained=pretrained, **kwargs)
+            self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
+            self.variant: Variant | None = None
+            self.use_plan(plan)
 
     def use_plan(self, plan: LayerPlan | PlanSpec) -> LayerPlan:
         """Switch this loaded model to another variant in place (no reload, no weight copies)."""
@@ -114,8 +122,9 @@ class LayeredLM(HFLM):
         db.tablename = table
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
-        """Shared contexts computed once (causal models); `hf`'s loop otherwise or with fast=False."""
-        if not self.fast or self.backend != "causal":
+        """Prepared requests, each shared context computed once (causal models); `hf`'s loop
+        otherwise or with fast=False."""
+        if not self.prepared or self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         reqs = [Request.from_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
         rows = override_bs or (self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size)
@@ -136,11 +145,98 @@ def _base_model(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def _settings(pretrained: Any, kwargs: dict[str, Any], fast: bool) -> dict[str, Any]:
+def _settings(pretrained: Any, kwargs: dict[str, Any], prepared: bool) -> dict[str, Any]:
     """Everything besides the plan that decides this model's log-likelihoods."""
     if isinstance(pretrained, transformers.PreTrainedModel):
         pretrained = pretrained.name_or_path
     settings = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_ARGS}
     model = model_identity(str(pretrained), kwargs.get("revision"), kwargs.get("subfolder"), kwargs.get("gguf_file"))
     adapter = model_identity(str(kwargs["peft"]), kwargs.get("revision")) if kwargs.get("peft") else None
-    return {**settings, "model": model, "peft": adapter, "fast": fast}
+    return {**settings, "model": model, "peft": adapter, "prepared": prepared}
+
+
+# -- argument checks: every key and value named by the plugin itself, before any weight is read --
+
+_DTYPE_ARGS = ("dtype", "softmax_dtype", "mixed_precision_dtype")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _switch(name: str, value: Any) -> bool:
+    """A boolean model_arg (lm-eval's parser turns `True`/`False` into bools, `1`/`0` into ints)."""
+    text = str(value).strip().strip("'\"").lower()
+    if isinstance(value, bool) or text in _TRUE + _FALSE:
+        return value if isinstance(value, bool) else text in _TRUE
+    raise UsageError(f"{name}={value!r} is not a switch; use {name}=True or {name}=False")
+
+
+def _check_dtypes(kwargs: dict[str, Any]) -> None:
+    """`hf` would fail with an AttributeError from torch after start-up (`dtype=float8`)."""
+    for name in _DTYPE_ARGS:
+        value = kwargs.get(name)
+        if value is None or isinstance(value, torch.dtype) or value == "auto":
+            continue
+        if not isinstance(getattr(torch, str(value), None), torch.dtype):
+            raise UsageError(f"{name}={value}: not a torch dtype; use auto, float32, bfloat16 or float16")
+
+
+def _named_parameters(function: Any) -> set[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in inspect.signature(function).parameters.items() if p.kind in kinds}
+
+
+@functools.cache
+def _hf_arguments() -> frozenset[str]:
+    """The arguments of lm-eval's `hf` model (its signature)."""
+    return frozenset(_named_parameters(HFLM.__init__) - {"self"})
+
+
+@functools.cache
+def _loading_options() -> frozenset[str]:
+    """What `hf` forwards to transformers' `from_pretrained` and it accepts (attn_implementation,
+    device_map, quantization_config, …): its named parameters and the options it pops from its
+    `**kwargs`, read from its source because its signature does not list them."""
+    load = transformers.PreTrainedModel.from_pretrained
+    popped = re.findall(r"""kwargs\.pop\(\s*["'](\w+)["']""", inspect.getsource(load))
+    return frozenset(_named_parameters(load) | set(popped))
+
+
+def _check_names(kwargs: dict[str, Any], config: Any) -> None:
+    """Every key is a plan argument (taken out already), an `hf` argument, a transformers loading
+    option or a config field to override; anything else (`dorp=24-27`) is named here, with the
+    nearest known key, instead of failing inside transformers with a TypeError."""
+    known = _hf_arguments() | _loading_options()
+    for key in kwargs:
+        if key in known or hasattr(config, key):
+            continue
+        public = [k for k in sorted(known) if not k.startswith("_")]
+        near = difflib.get_close_matches(key, [*PlanSpec.ARGS, "fast", *public], n=1, cutoff=0.6)
+        hint = (f"did you mean {near[0]}?" if near else
+                f"give a plan argument ({', '.join(PlanSpec.ARGS)}), an hf argument (dtype, device, batch_size, …) "
+                "or a transformers loading option (attn_implementation, …)")
+        raise UsageError(f"{key}: unknown argument of the layered model; {hint}")
+
+
+@contextlib.contextmanager
+def _one_line_under_lm_eval_cli() -> Iterator[None]:
+    """lm-eval's console script shows every exception as a traceback; a user's mistake is one
+    `error:` line and exit code 2 there, as in `surgery`. Python callers (`simple_evaluate`, a
+    notebook) still get the `LayersError`."""
+    try:
+        yield
+    except LayersError as e:
+        if not _under_lm_eval_cli():
+            raise
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _under_lm_eval_cli() -> bool:
+    """Whether lm-eval's entry point (`cli_evaluate`: the `lm_eval` script, `python -m lm_eval`)
+    is on the call stack."""
+    spec = importlib.util.find_spec("lm_eval.__main__")
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "cli_evaluate" and spec is not None and frame.f_code.co_filename == spec.origin:
+            return True
+        frame = frame.f_back
+    return False

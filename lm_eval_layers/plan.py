@@ -18,7 +18,7 @@ from lm_eval_layers.errors import PlanError
 from lm_eval_layers.scores_file import Scores
 
 INITS = ("copy", "avg", "copy-zero", "avg-zero")
-_SEPARATORS = re.compile(r"[,;\s]+")
+_SEPARATOR = re.compile(r"\s*[,;]\s*|\s+")  # one comma or semicolon (spaces around allowed), or spaces
 _INDEX_OR_RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
 
 
@@ -139,13 +139,18 @@ Range = tuple[int, int]
 
 
 def _items(name: str, value: Any) -> list[str]:
-    """Flatten a model_args value (int, float, string, list) into index/range tokens."""
+    """Flatten a model_args value (int, float, string, list) into index/range tokens. An empty
+    item (`3;;5`, a trailing `;`) is refused rather than skipped: it is a typo more often than
+    not, and skipping it would evaluate a plan the user did not write."""
     if value is None:
         return []
     if isinstance(value, bool):
         raise PlanError(f"{name}={value!r} is not a block index; give indices like {name}=3 or {name}=24-27")
     if isinstance(value, (list, tuple)):
-        return [tok for v in value for tok in _items(name, v)]
+        tokens = [_items(name, v) for v in value]
+        if [] in tokens:
+            raise PlanError(f"{name}: {value!r} has an empty item; remove it")
+        return [tok for group in tokens for tok in group]
     if isinstance(value, float):
         if not value.is_integer():
             raise PlanError(f"{name}={value} is not a whole block index; give indices like {name}=3")
@@ -153,14 +158,22 @@ def _items(name: str, value: Any) -> list[str]:
     if isinstance(value, int):
         return [str(value)]
     if isinstance(value, str):
-        text = value.strip().strip("[]").strip().strip("'\"")
-        return [tok for tok in _SEPARATORS.split(text) if tok]
+        text = value.strip().strip("[]").strip().strip("'\"").strip()
+        tokens = _SEPARATOR.split(text) if text else []
+        if "" in tokens:
+            raise PlanError(f"{name}: {value!r} has an empty item; separate items with one ',' or ';', e.g. {name}=3;5-7")
+        return tokens
     raise PlanError(f"{name}={value!r} has an unsupported type; give indices like {name}=3,5-7")
 
 
 def _parse_ranges(name: str, value: Any) -> tuple[Range, ...]:
+    """Indices and inclusive ranges; a range written backwards is refused here when its ends
+    have the same sign (then it is backwards at every depth), otherwise when it is resolved."""
+    tokens = _items(name, value)
+    if value is not None and not tokens:
+        raise PlanError(f"{name} is empty; give blocks, e.g. {name}=3 or {name}=24-27, or leave {name} out")
     ranges = []
-    for tok in _items(name, value):
+    for tok in tokens:
         m = _INDEX_OR_RANGE.match(tok.strip("'\""))
         if not m:
             raise PlanError(
@@ -169,18 +182,25 @@ def _parse_ranges(name: str, value: Any) -> tuple[Range, ...]:
             )
         start = int(m.group(1))
         end = int(m.group(2)) if m.group(2) is not None else start
+        if start > end and (start < 0) == (end < 0):
+            raise PlanError(_backwards(name, f"{start}-{end}", end, start))
         ranges.append((start, end))
     return tuple(ranges)
 
 
+def _backwards(name: str, written: str, low: int, high: int) -> str:
+    return f"{name}: range {written} is empty (start after end); write it as low-high, e.g. {name}={low}-{high}"
+
+
 def _parse_inserts(value: Any) -> tuple[tuple[int, str], ...]:
-    tokens: list[str] = []
+    if value is None:
+        return ()
     for v in value if isinstance(value, (list, tuple)) else [value]:
-        if v is None:
-            continue
         if not isinstance(v, str):
             raise PlanError(f"insert={v!r}: each insert is POS:INIT, e.g. insert=3:copy or insert=1:avg-zero;5:copy-zero")
-        tokens += [t for t in _SEPARATORS.split(v.strip().strip("[]")) if t]
+    tokens = _items("insert", value)
+    if not tokens:
+        raise PlanError("insert is empty; give POS:INIT items, e.g. insert=3:copy or insert=1:avg-zero;5:copy-zero, or leave insert out")
     inserts = []
     for tok in tokens:
         tok = tok.strip("'\"")
@@ -194,9 +214,11 @@ def _parse_inserts(value: Any) -> tuple[tuple[int, str], ...]:
 
 
 def _parse_preset(value: Any) -> str | None:
-    if value is None or value == "":
+    if value is None:
         return None
-    text = str(value).strip().lower()
+    text = str(value).strip().strip("'\"").lower()
+    if not text:
+        raise PlanError("preset is empty; use preset=slayer or preset=llama-pro:K, or leave preset out")
     if text == "slayer":
         return text
     m = re.fullmatch(r"llama-pro:(\d+)", text)
@@ -233,12 +255,9 @@ class PlanSpec:
     ) -> PlanSpec:
         if drop is not None and keep is not None:
             raise PlanError("drop and keep are exclusive: give the blocks to remove (drop=) or the ones to keep (keep=), not both")
-        keep_ranges = _parse_ranges("keep", keep) if keep is not None else None
-        if keep is not None and not keep_ranges:
-            raise PlanError("keep is empty: a model needs at least one block; list the blocks to keep, e.g. keep=0-11")
         return cls(
             drop=_parse_ranges("drop", drop),
-            keep=keep_ranges,
+            keep=_parse_ranges("keep", keep) if keep is not None else None,
             drop_attn=_parse_ranges("drop_attn", drop_attn),
             drop_mlp=_parse_ranges("drop_mlp", drop_mlp),
             insert=_parse_inserts(insert),
@@ -365,7 +384,7 @@ def _resolve(name: str, ranges: tuple[Range, ...], n: int) -> list[int]:
     for start, end in ranges:
         a, b = _resolve_index(name, start, n), _resolve_index(name, end, n)
         if a > b:
-            raise PlanError(f"{name}: range {start}-{end} is empty (start after end); write it as low-high, e.g. {name}={min(a, b)}-{max(a, b)}")
+            raise PlanError(_backwards(name, f"{start}-{end}", b, a))
         for i in range(a, b + 1):
             if i in seen:
                 raise PlanError(f"{name}: block {i} is listed twice; list each block once")

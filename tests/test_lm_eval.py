@@ -18,6 +18,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from conftest import REPO, TASKS
+from lm_eval_layers.errors import LayersError, UsageError
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanError, PlanSpec
 
@@ -94,14 +95,67 @@ def test_pretrained_model_object_gets_the_plan_on_a_clone(tiny_llama_dir):
     assert lm.model.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_bad_plan_fails_before_weights_are_read(tiny_llama_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_llama_dir, broken)
+@pytest.fixture(scope="module")
+def broken_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny model with unreadable weights: any check that passes here ran before loading."""
+    broken = tmp_path_factory.mktemp("broken")
+    shutil.copytree(tiny_llama_dir, broken, dirs_exist_ok=True)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # loading it would fail
-    with pytest.raises(PlanError, match="out of range for a model with 6 blocks"):
-        LayeredLM(pretrained=str(broken), drop="6", device="cpu")
-    with pytest.raises(PlanError, match="unknown init"):
-        LayeredLM(pretrained=str(broken), insert="1:mean", device="cpu")
+    return broken
+
+
+MISTAKES = [
+    (dict(drop="6"), PlanError, "drop: block 6 is out of range for a model with 6 blocks; use 0..5 or -6..-1"),
+    (dict(insert="1:mean"), PlanError, "unknown init"),
+    (dict(dorp="2-3"), UsageError, "dorp: unknown argument of the layered model; did you mean drop?"),
+    (dict(drop_atn=1), UsageError, "did you mean drop_attn?"),
+    (dict(attn_implmentation="eager"), UsageError, "did you mean attn_implementation?"),
+    (dict(batchsize=8), UsageError, "did you mean batch_size?"),
+    (dict(frobnicate=1), UsageError, "frobnicate: unknown argument of the layered model; give a plan argument (drop, keep"),
+    (dict(dtype="float8"), UsageError, "dtype=float8: not a torch dtype; use auto, float32, bfloat16 or float16"),
+    (dict(softmax_dtype="fp32"), UsageError, "softmax_dtype=fp32: not a torch dtype"),
+    (dict(fast="maybe"), UsageError, "fast='maybe' is not a switch; use fast=True or fast=False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", MISTAKES, ids=[str(k) for k, _, _ in MISTAKES])
+def test_mistakes_fail_before_weights_are_read(broken_dir, kwargs, error, message):
+    """A bad plan, a misspelt or unknown key (named with the nearest plan or hf argument) and an
+    invalid dtype are the plugin's own one-line errors, not transformers' TypeError or torch's
+    AttributeError after start-up."""
+    with pytest.raises(error) as err:
+        LayeredLM(pretrained=str(broken_dir), device="cpu", **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_transformers_options_and_config_overrides_still_pass(tiny_llama_dir):
+    """Keys `hf` forwards to `from_pretrained` (a loading option, a config field) are not refused."""
+    lm = LayeredLM(pretrained=str(tiny_llama_dir), device="cpu", attn_implementation="eager", rms_norm_eps=1e-3,
+                   fast=0, drop=1)
+    assert lm.model.config._attn_implementation == "eager" and lm.model.config.rms_norm_eps == 1e-3
+    assert lm.prepared is False and len(lm.model.model.layers) == 5
+
+
+def test_python_callers_get_the_exception(broken_dir):
+    """Only lm-eval's console script turns a mistake into `error:` and exit 2; `simple_evaluate`
+    raises the `LayersError` (a ValueError) to its caller."""
+    with pytest.raises(LayersError, match="drop: block 40 is out of range"):  # the model is built before the tasks
+        lm_eval.simple_evaluate(model="layered", model_args=f"pretrained={broken_dir},drop=40", tasks=["copa_local"],
+                                device="cpu")
+
+
+@pytest.mark.slow
+def test_stock_console_script_prints_one_error_line(broken_dir, tmp_path):
+    script = Path(sys.executable).with_name("lm_eval")
+    proc = subprocess.run(
+        [str(script), "--model", "layered", "--model_args", f"pretrained={broken_dir},drop=40",
+         "--tasks", "copa_local", "--include_path", str(TASKS), "--device", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: drop: block 40 is out of range for a model with 6 blocks; use 0..5 or -6..-1")
 
 
 @pytest.mark.slow

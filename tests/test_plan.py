@@ -107,10 +107,24 @@ BAD_PLANS = [
     (dict(drop="-31"), "out of range"),
     (dict(drop="0-29"), "drops all 30 blocks"),
     (dict(keep="[]"), "keep is empty"),
+    (dict(keep=""), "keep is empty"),
+    (dict(drop=""), "drop is empty; give blocks"),
+    (dict(drop=" [ ] "), "drop is empty"),
+    (dict(drop=[]), "drop is empty"),
+    (dict(drop_attn="''"), "drop_attn is empty"),
+    (dict(drop="3;;5"), "has an empty item"),
+    (dict(drop="3;"), "has an empty item"),
+    (dict(drop=", 3"), "has an empty item"),
+    (dict(drop=[3, ""]), "has an empty item"),
+    (dict(insert=""), "insert is empty"),
+    (dict(insert="1:copy;;3:copy"), "has an empty item"),
+    (dict(preset=""), "preset is empty"),
     (dict(drop="3,3"), "listed twice"),
     (dict(drop="2-5,4"), "listed twice"),
     (dict(drop="3", keep="4"), "exclusive"),
     (dict(drop="5-3"), "start after end"),
+    (dict(drop="-3--6"), "start after end"),
+    (dict(drop="28--5"), "start after end"),  # 28 to 25 on 30 blocks
     (dict(drop="3-"), "cannot read"),
     (dict(drop="a-b"), "cannot read"),
     (dict(drop="1.5"), "cannot read"),
@@ -144,3 +158,50 @@ def test_bad_plan_gives_one_clear_line(kwargs, message):
 def test_slayer_refuses_too_shallow_models():
     with pytest.raises(PlanError, match="at least 4 blocks"):
         resolve(3, preset="slayer")
+
+
+@pytest.mark.parametrize("kwargs,fix", [
+    (dict(drop="5-3"), "drop=3-5"), (dict(drop_mlp="-1--2"), "drop_mlp=-2--1"), (dict(drop=""), "or leave drop out"),
+    (dict(drop="3;;5"), "separate items with one ',' or ';'"), (dict(insert=""), "or leave insert out"),
+])
+def test_syntax_mistakes_are_refused_without_a_depth(kwargs, fix):
+    """Backwards ranges whose ends share a sign, empty values and empty items fail at parsing,
+    before any model is opened (resolving needs the depth; parsing does not)."""
+    with pytest.raises(PlanError, match="; ") as err:
+        PlanSpec.from_args(**kwargs)
+    assert fix in str(err.value)
+
+
+def test_a_range_with_ends_of_both_signs_is_checked_against_the_depth():
+    spec = PlanSpec.from_args(drop="4--5")  # blocks 4..25 of 30, but 4..1 of 6
+    assert spec.resolve(30).dropped == tuple(range(4, 26))
+    with pytest.raises(PlanError, match="range 4--5 is empty .* e.g. drop=1-4"):
+        spec.resolve(6)
+
+
+def test_separators_with_spaces_still_read():
+    assert resolve(drop="3 ; 5-6, 8").dropped == (3, 5, 6, 8)
+    assert resolve(insert="[1:copy, 3:avg-zero]").new_slots == (2, 5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "--drop", ""], "drop is empty"),
+    (["prune", "--drop", "3;;5"], "has an empty item"),
+    (["prune", "--keep", "5-3"], "keep: range 5-3 is empty"),
+    (["expand", "--insert", ""], "insert is empty"),
+    (["expand", "--preset", ""], "preset is empty"),
+    (["expand", "--insert", "1:copy", "--drop", ""], "drop is empty"),
+])
+def test_surgery_refuses_them_before_opening_the_model(tmp_path, args, message):
+    """`surgery prune`/`expand` parse with the same module: one `error:` line, exit 2, nothing
+    written, and the model is never opened (it does not even exist here)."""
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    command, *options = args
+    result = CliRunner().invoke(app, [command, str(tmp_path / "no-such-model"), *options, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert list(tmp_path.iterdir()) == []

@@ -108,11 +108,11 @@ def test_pruned_gguf_checkpoint_scores_exactly_like_the_layered_variant(smollm2,
     assert len(got) == 24 and got.keys() == expected.keys()
     for doc_id, lls in got.items():  # another process: same batches, equal up to float rounding
         assert lls == pytest.approx(expected[doc_id], abs=1e-6)
-    smollm2.fast = True  # shared contexts: hf's numbers to float rounding, the same accuracy
+    smollm2.prepared = True  # shared contexts: hf's numbers to float rounding, the same accuracy
     try:
         shared = Evaluator(smollm2, ["arc_easy_local"], limit=24, prepared=False).evaluate(pruned, log_samples=True)
     finally:
-        smollm2.fast = False
+        smollm2.prepared = False
     for doc_id, lls in loglikelihoods(shared.samples["arc_easy_local"]).items():
         assert lls == pytest.approx(expected[doc_id], abs=1e-4)
     assert shared.metrics["arc_easy_local"]["acc"] == layered.metrics["arc_easy_local"]["acc"]

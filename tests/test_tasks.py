@@ -4,6 +4,7 @@ with only its data source swapped for ours, so any difference in prompts shows u
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -30,8 +31,10 @@ PAIRS = [
     ("hellaswag_local", "hellaswag", "validation"),
     ("mmlu_local_anatomy", "mmlu_anatomy", "test"),
     ("mmlu_local_high_school_physics", "mmlu_high_school_physics", "test"),
+    ("nq_open_local", "nq_open", "validation"),  # generate_until: its requests carry the generation kwargs
 ]
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+DATA_KEYS = {"custom_dataset", "dataset_kwargs", "dataset_path", "dataset_name", "task", "tag", "metadata", *SPLIT_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,27 @@ def test_local_task_builds_the_builtin_requests(manager, extra_data, ours, built
     assert mine.get("metric_list") == theirs.get("metric_list")
     got, expected = _requests(mine), _requests(theirs)
     assert got and got == expected
+
+
+@pytest.mark.parametrize("ours,builtin", [p[:2] for p in PAIRS], ids=[p[0] for p in PAIRS])
+def test_local_task_config_is_the_builtin_but_for_its_data(manager, ours, builtin):
+    """Every key but the data source and splits is the built-in's: filters, stop sequences,
+    metric options and delimiters too, which the requests alone do not show. Functions count as
+    equal when their source is (ours import lm-eval's; the built-in YAML loads its own copy)."""
+    def comparable(name: str) -> dict:
+        cfg = _config(manager, name)
+        return {k: inspect.getsource(v) if callable(v) else v for k, v in cfg.items() if k not in DATA_KEYS}
+
+    assert comparable(ours) == comparable(builtin)
+
+
+def test_nq_open_local_reads_the_local_questions_and_all_their_answers(manager, local_data):
+    task = manager.load(["nq_open_local"])["tasks"]["nq_open_local"]
+    (doc, *_) = task.validation_docs()
+    assert doc["question"] == "when was the last time anyone was on the moon"
+    assert task.doc_to_target(doc) == ["14 December 1972 UTC", "December 1972"]  # any accepted answer scores
+    assert task.process_results(doc, ["December 1972"])["exact_match"] == 1.0
+    assert task.process_results(doc, ["1969"])["exact_match"] == 0.0
 
 
 def test_mmlu_few_shot_requests_match_the_builtin(manager, extra_data):

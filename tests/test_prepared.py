@@ -1,4 +1,4 @@
-"""The fast repeated-evaluation path gives lm-eval's numbers: per-request log-likelihoods within
+"""Prepared requests (the repeated-evaluation path) give lm-eval's numbers: per-request log-likelihoods within
 1e-4 of the `hf` path and identical acc / acc_norm, for the full model and several variants, on
 every log-likelihood task of the suite; and it reuses the full model's prefix."""
 
@@ -29,7 +29,7 @@ def setup(tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def fast(setup):
+def prepared(setup):
     lm, manager = setup
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LM_EVAL_LAYERS_DATA", str(DATA))
@@ -47,18 +47,18 @@ def slow(setup):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kwargs", PLANS, ids=[str(p) for p in PLANS])
-def test_fast_path_matches_lm_eval(fast, slow, kwargs, local_data):
+def test_prepared_requests_match_lm_eval(prepared, slow, kwargs, local_data):
     plan = PlanSpec.from_args(**kwargs).resolve(6)
-    assert fast.engine is not None and fast.fallback is None
-    result = fast.evaluate(plan)
+    assert prepared.engine is not None and prepared.fallback is None
+    result = prepared.evaluate(plan)
     metrics, examples = result.metrics, result.examples
     reference = slow.evaluate(plan, log_samples=True)
-    fast_ll = {key: ll for key, (ll, _) in zip(fast.engine.prepared.keys, fast.engine.loglikelihoods(plan))}
+    prepared_ll = {key: ll for key, (ll, _) in zip(prepared.engine.prepared.keys, prepared.engine.loglikelihoods(plan))}
     for task in SUITE:
         samples = sorted(reference.samples[task], key=lambda s: s["doc_id"])
         for s in samples:
             for idx, resp in enumerate(s["filtered_resps"]):
-                assert fast_ll[(task, s["doc_id"], idx)] == pytest.approx(float(resp[0]), abs=1e-4)
+                assert prepared_ll[(task, s["doc_id"], idx)] == pytest.approx(float(resp[0]), abs=1e-4)
         for metric in ("acc", "acc_norm"):
             if metric in samples[0]:
                 assert examples[task][metric] == [s[metric] for s in samples], (task, metric)
@@ -70,15 +70,15 @@ def test_fast_path_matches_lm_eval(fast, slow, kwargs, local_data):
             assert value == pytest.approx(reference.metrics[task][metric], rel=1e-4), (task, metric)
 
 
-def test_prefix_reuse_runs_only_the_blocks_after_the_first_change(fast):
-    fast.evaluate(PlanSpec.from_args(drop=4))
-    assert fast.engine.blocks_run == 1  # block 5 only: blocks 0-3 come from the cached boundary
-    fast.evaluate(PlanSpec.from_args(drop=0))
-    assert fast.engine.blocks_run == 5
-    fast.evaluate(PlanSpec.from_args(insert="3:copy"))
-    assert fast.engine.blocks_run == 3  # copy(3), 4, 5
-    fast.evaluate(PlanSpec())
-    assert fast.engine.blocks_run == 0  # the full model's results are kept
+def test_prefix_reuse_runs_only_the_blocks_after_the_first_change(prepared):
+    prepared.evaluate(PlanSpec.from_args(drop=4))
+    assert prepared.engine.blocks_run == 1  # block 5 only: blocks 0-3 come from the cached boundary
+    prepared.evaluate(PlanSpec.from_args(drop=0))
+    assert prepared.engine.blocks_run == 5
+    prepared.evaluate(PlanSpec.from_args(insert="3:copy"))
+    assert prepared.engine.blocks_run == 3  # copy(3), 4, 5
+    prepared.evaluate(PlanSpec())
+    assert prepared.engine.blocks_run == 0  # the full model's results are kept
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def _token_requests(seed: int, count: int = 40) -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("plan", [{}, {"drop_attn": 0, "drop": 3}, {"insert": "1:copy"}], ids=["full", "drop_attn0+drop3", "copy1"])
 def test_shared_context_loglikelihoods_equal_hf_on_every_family(arch, plan, tokenizer_dir):
-    """`layered`'s fast loglikelihood (padded context batches, explicit positions, one context
+    """`layered`'s prepared loglikelihood requests (padded context batches, explicit positions, one context
     pass per document) against lm-eval's own `hf` loop on the same model, for each family —
     sliding-window ones included (their windows must cut padded and unpadded rows alike)."""
     import transformers as T
@@ -116,10 +116,10 @@ def test_shared_context_loglikelihoods_equal_hf_on_every_family(arch, plan, toke
     tokenizer = T.AutoTokenizer.from_pretrained(tokenizer_dir)
     lm = LayeredLM(pretrained=make_model(arch), tokenizer=tokenizer, device="cpu", batch_size=7, **plan)
     requests = _token_requests(seed=len(arch))
-    fast = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     reference = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
-    assert [g for _, g in fast] == [g for _, g in reference]
-    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
+    assert [g for _, g in got] == [g for _, g in reference]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
 
 
 def test_batches_share_contexts_and_respect_sliding_windows():
@@ -153,7 +153,7 @@ def test_output_transforms_survive_the_gathered_head(family, tokenizer_dir):
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lm = LayeredLM(pretrained=model, tokenizer=T.AutoTokenizer.from_pretrained(tokenizer_dir), device="cpu", batch_size=7)
     requests = _token_requests(seed=3)
-    fast = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     reference = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
-    assert [g for _, g in fast] == [g for _, g in reference]
-    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
+    assert [g for _, g in got] == [g for _, g in reference]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in reference], abs=1e-4)

@@ -1,8 +1,10 @@
 """Prepared requests for many variants of one loaded model (the engine behind `evaluate.py`).
 
-lm-eval builds the documents and requests once and they are tokenised once, exactly as the
-`hf` model tokenises them, then batched by shared context (`loglikelihood.py`: each context
-computed once, logits only at continuation positions, little padding). Each variant then runs
+Prepared requests are log-likelihood requests batched by shared context (`loglikelihood.py`:
+each context computed once, logits only at continuation positions, little padding); the
+`layered` plugin prepares each call's requests (`fast=False` switches that off), and here they
+are prepared once for every variant: lm-eval builds the documents and requests once and they
+are tokenised once, exactly as the `hf` model tokenises them. Each variant then runs
 only what it needs: the full model's hidden states at block boundaries are cached (within a
 memory budget), so a variant starts at its first slot that differs from the full model, e.g.
 leaving out block k computes only the blocks after k.
@@ -28,7 +30,7 @@ class UnsupportedTask(Exception):
     evaluator then runs lm-eval's own loop."""
 
 
-class PreparedTasks:
+class PreparedRequests:
     """The requests of a task set, built by lm-eval once and tokenised like `hf` does."""
 
     def __init__(self, lm: Any, tasks: dict[str, Any], limit: int | None, batch_size: int = 64,
@@ -49,10 +51,10 @@ class PreparedTasks:
         self.batches = make_batches(self.requests, batch_size, max_batch_tokens, attention_window(lm.model.config))
 
 
-class FastEvaluator:
+class PreparedEngine:
     """Evaluates variants of `lm`'s model on prepared requests, reusing the full model's prefix."""
 
-    def __init__(self, lm: Any, prepared: PreparedTasks, cache_bytes: int = 4 << 30) -> None:
+    def __init__(self, lm: Any, prepared: PreparedRequests, cache_bytes: int = 4 << 30) -> None:
         self.lm, self.prepared = lm, prepared
         self.model = lm.model
         self.layout = layout_for(self.model)
