@@ -238,8 +238,9 @@ class PlanSpec:
     insert: tuple[tuple[int, str], ...] = ()
     preset: str | None = None
     lowest: tuple[str, int, str | None, tuple[int, ...]] | None = None  # from a scores file: unit, depth, model_type, units
+    fixed: tuple[LayerPlan, str | None] | None = None  # from a plan file: the plan and its model_type
 
-    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest")
+    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest", "plan")
 
     @classmethod
     def from_args(
@@ -252,7 +253,14 @@ class PlanSpec:
         preset: Any = None,
         scores: Any = None,
         drop_lowest: Any = None,
+        plan: Any = None,
     ) -> PlanSpec:
+        if plan is not None:
+            others = [k for k, v in (("drop", drop), ("keep", keep), ("drop_attn", drop_attn), ("drop_mlp", drop_mlp),
+                                     ("insert", insert), ("preset", preset), ("scores", scores)) if v is not None]
+            if others:
+                raise PlanError(f"plan= is a whole plan; it does not combine with {', '.join(others)}: give one or the other")
+            return cls(fixed=read_plan_file(plan))
         if drop is not None and keep is not None:
             raise PlanError("drop and keep are exclusive: give the blocks to remove (drop=) or the ones to keep (keep=), not both")
         return cls(
@@ -275,6 +283,14 @@ class PlanSpec:
     def resolve(self, num_layers: int, model_type: str | None = None) -> LayerPlan:
         """Check the plan against a model with `num_layers` blocks and build its slots."""
         n = num_layers
+        if self.fixed is not None:
+            plan, planned_type = self.fixed
+            if plan.num_layers != n:
+                raise PlanError(f"the plan file is for a model with {plan.num_layers} blocks, this one has {n}; "
+                                "make the plan on this model")
+            if planned_type and model_type and planned_type != model_type:
+                raise PlanError(f"the plan file is for a {planned_type} model, this one is {model_type}; make the plan on this model")
+            return plan
         preset_drops, inserts = self._preset(n)
         if self.keep is not None:
             keep = _resolve("keep", self.keep, n)
@@ -390,6 +406,29 @@ def _resolve(name: str, ranges: tuple[Range, ...], n: int) -> list[int]:
                 raise PlanError(f"{name}: block {i} is listed twice; list each block once")
             seen.append(i)
     return sorted(seen)
+
+
+def read_plan_file(path: Any) -> tuple[LayerPlan, str | None]:
+    """A whole plan from a file that records one under `plan` (`layer_plan.json` of a written
+    folder, `search.json` of `surgery search`), with the model type it was made for."""
+    import json
+    from pathlib import Path
+
+    file = Path(str(path).strip("'\""))
+    try:
+        record = json.loads(file.read_text())
+        data = record["plan"]
+        plan = LayerPlan.from_dict(data)
+    except FileNotFoundError:
+        raise PlanError(f"plan={file}: no such file; give a layer_plan.json or search.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"plan={file} holds no plan ({type(e).__name__}: {str(e)[:80]}); give a layer_plan.json "
+                        "or search.json") from None
+    bad = [s for s in plan.slots for j in s.sources if not 0 <= j < plan.num_layers]
+    if not plan.slots or bad:
+        raise PlanError(f"plan={file} is not a valid plan of {plan.num_layers} blocks; write it with surgery")
+    planned = record.get("model_type")
+    return plan, planned if isinstance(planned, str) else None
 
 
 def plan_args(kwargs: dict[str, Any]) -> dict[str, Any]:

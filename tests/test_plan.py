@@ -205,3 +205,23 @@ def test_surgery_refuses_them_before_opening_the_model(tmp_path, args, message):
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and message in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_file_is_a_whole_plan_checked_against_the_model(tmp_path):
+    import json
+
+    plan = PlanSpec.from_args(drop="1-2", drop_attn=4).resolve(6)
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps({"plan": plan.to_dict(), "model_type": "llama"}))
+    assert PlanSpec.from_args(plan=str(path)).resolve(6, "llama") == plan
+    for spec, depth, kind, message in [
+        (dict(plan=str(path)), 8, "llama", "for a model with 6 blocks, this one has 8"),
+        (dict(plan=str(path)), 6, "gpt2", "for a llama model, this one is gpt2"),
+        (dict(plan=str(tmp_path / "none.json")), 6, None, "no such file"),
+        (dict(plan=str(path), drop=3), 6, None, "does not combine with drop"),
+    ]:
+        with pytest.raises(PlanError, match=message):
+            PlanSpec.from_args(**spec).resolve(depth, kind)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PlanError, match="holds no plan"):
+        PlanSpec.from_args(plan=str(tmp_path / "bad.json"))

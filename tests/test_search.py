@@ -172,6 +172,25 @@ def test_search_command_writes_a_plan_prune_can_use(tiny_llama_dir, calibration,
     again = invoke(tiny_llama_dir, "--remove", "2", "--calibration", calibration, "--out", out)
     assert again.exit_code == 2 and "exists" in again.stderr
 
+    # one plan, every executor: the plugin (plan=FILE) and surgery prune --plan FILE
+    import transformers as T
+
+    from lm_eval_layers.model import LayeredLM
+    from lm_eval_layers.plan import LayerPlan
+
+    plan = LayerPlan.from_dict(doc["plan"])
+    assert LayeredLM(pretrained=str(tiny_llama_dir), plan=str(out), device="cpu").plan == plan
+    pruned = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--plan", str(out), "--out", str(pruned)])
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(1))
+    reference = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with apply_plan(reference, plan):
+        expected = reference(ids).logits
+    assert torch.equal(T.AutoModelForCausalLM.from_pretrained(pruned).eval()(ids).logits, expected)
+    mixed = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--plan", str(out), "--drop", "1", "--out", str(tmp_path / "x")])
+    assert mixed.exit_code == 2 and "does not combine with drop" in mixed.stderr
+
 
 def test_angular_removes_the_closest_contiguous_run_and_bi_ranks_blocks():
     from lm_eval_layers.search.methods import _last_token_states, angular, block_influence_order

@@ -58,14 +58,16 @@ class PruneSettings(WriteSettings):
     drop_mlp: str | None = option(None, "--drop-mlp", "blocks whose MLP branch is removed")
     scores: Path | None = option(None, "--scores", "scores.json of `surgery score` on this model")
     drop_lowest: int | None = option(None, "--drop-lowest", "with --scores: remove the K lowest-valued units")
+    plan: Path | None = option(None, "--plan", "a whole plan: search.json of `surgery search` or a written folder's layer_plan.json")
 
     def spec(self) -> PlanSpec:
         from lm_eval_layers.scores_file import read_scores
 
-        if all(v is None for v in (self.drop, self.keep, self.drop_attn, self.drop_mlp, self.scores)):
-            raise UsageError("prune needs --drop, --keep, --drop-attn, --drop-mlp or --scores with --drop-lowest")
+        if all(v is None for v in (self.drop, self.keep, self.drop_attn, self.drop_mlp, self.scores, self.plan)):
+            raise UsageError("prune needs --drop, --keep, --drop-attn, --drop-mlp, --plan or --scores with --drop-lowest")
         return PlanSpec.from_args(drop=self.drop, keep=self.keep, drop_attn=self.drop_attn, drop_mlp=self.drop_mlp,
-                                  scores=read_scores(self.scores) if self.scores else None, drop_lowest=self.drop_lowest)
+                                  scores=read_scores(self.scores) if self.scores else None, drop_lowest=self.drop_lowest,
+                                  plan=self.plan)
 
 
 @dataclass(frozen=True)
