@@ -14,10 +14,12 @@ Supports `loglikelihood` and `multiple_choice` tasks (not `loglikelihood_rolling
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import torch
 from lm_eval_layers.arch import layout_for
+from lm_eval_layers.hooks import pre_hooks, record_input, replace_input
 from lm_eval_layers.loglikelihood import Around, Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.variant import apply_plan
@@ -77,7 +79,8 @@ class PreparedEngine:
 
         @contextlib.contextmanager
         def capture(b: int, stage: str) -> Iterator[None]:
-            with _hooks([(blocks[k], _capture(self.boundaries[k], (b, stage))) for k in self.boundaries]):
+            with pre_hooks([(blocks[k], record_input(functools.partial(self.boundaries[k].__setitem__, (b, stage))))
+                            for k in self.boundaries]):
                 yield
 
         return self._run(capture)
@@ -98,7 +101,7 @@ class PreparedEngine:
         @contextlib.contextmanager
         def resume(b: int, stage: str) -> Iterator[None]:
             first = self.layout.find_blocks(self.model)[0]
-            with _hooks([(first, _replace_input(self.boundaries[prefix][(b, stage)]))]):
+            with pre_hooks([(first, replace_input(self.boundaries[prefix][(b, stage)]))]):
                 yield
 
         with apply_plan(self.model, rest):
@@ -128,30 +131,3 @@ def _encoded(lm: Any, instances: list[Any]) -> list[tuple[list[int], list[int]]]
     finally:
         del lm._loglikelihood_tokens
     return [(ctx, cont) for _, ctx, cont in recorded]
-
-
-@contextlib.contextmanager
-def _hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
-    """Forward pre-hooks (with kwargs) on modules for the duration of one model call."""
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _capture(store: dict, key: tuple[int, str]):
-    def hook(_module, args, kwargs):
-        store[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    return hook
-
-
-def _replace_input(cached: torch.Tensor):
-    def hook(_module, args, kwargs):
-        if args:
-            return (cached, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": cached}
-
-    return hook

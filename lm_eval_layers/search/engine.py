@@ -19,13 +19,11 @@ a block); machine-independent, so methods compare without a stopwatch.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from lm_eval_layers.arch import layout_for
+from lm_eval_layers.hooks import pre_hooks, record_input, replace_input
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.variant import apply_plan
 
@@ -76,9 +74,9 @@ class CalibrationEngine:
 
         def capture(b: int) -> list[tuple[nn.Module, object]]:
             blocks = self.layout.find_blocks(self.model)
-            hooks = [(blocks[k - start], _recorder(captured[k])) for k in captured]
+            hooks = [(blocks[k - start], record_input(captured[k].append)) for k in captured]
             if keep_last:
-                hooks.append((blocks[len(plan.slots) - 1 - start], _recorder(self.full_last)))
+                hooks.append((blocks[len(plan.slots) - 1 - start], record_input(self.full_last.append)))
             return hooks
 
         scores = self._run(rest, start, capture)
@@ -105,7 +103,7 @@ class CalibrationEngine:
                 blocks = self.layout.find_blocks(self.model)
                 hooks = list(hooks_for(b) if hooks_for else [])
                 if start:
-                    hooks.append((blocks[0], _replacer(self.boundaries[start][b])))
+                    hooks.append((blocks[0], replace_input(self.boundaries[start][b])))
                 with pre_hooks(hooks):
                     logits = self.model(input_ids=ids, use_cache=False).logits
             scores.append(self._window_scores(logits, ids, b))
@@ -123,7 +121,7 @@ class CalibrationEngine:
         last = LayerPlan(self.num_layers, (Slot((self.num_layers - 1,)),))
         with apply_plan(self.model, last):
             first = self.layout.find_blocks(self.model)[0]
-            with pre_hooks([(first, _replacer(self.full_last[b]))]):
+            with pre_hooks([(first, replace_input(self.full_last[b]))]):
                 logits = self.model(input_ids=ids, use_cache=False).logits
         self.block_passes += 1 / len(self.batches)
         return logits.float().log_softmax(-1)
@@ -134,29 +132,3 @@ def _first_difference(a: LayerPlan, b: LayerPlan) -> int:
     while k < min(len(a.slots), len(b.slots)) and a.slots[k] == b.slots[k]:
         k += 1
     return k
-
-
-@contextlib.contextmanager
-def pre_hooks(pairs: list[tuple[nn.Module, object]]) -> Iterator[None]:
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _recorder(store: list[torch.Tensor]):
-    def hook(_module, args, kwargs):
-        store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    return hook
-
-
-def _replacer(cached: torch.Tensor):
-    def hook(_module, args, kwargs):
-        if args:
-            return (cached, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": cached}
-
-    return hook

@@ -165,14 +165,14 @@ def angular(problem: Problem, progress: Progress = lambda *a: None) -> list[Step
 
 
 def _last_token_states(engine: CalibrationEngine) -> torch.Tensor:
-    from lm_eval_layers.search.engine import pre_hooks
+    from lm_eval_layers.hooks import block_input, pre_hooks
 
     blocks = engine.layout.find_blocks(engine.model)
     rows: list[list[torch.Tensor]] = [[] for _ in range(engine.num_layers + 1)]
 
     def pre(k: int):
         def hook(_m, args, kwargs):
-            rows[k].append((args[0] if args else kwargs["hidden_states"])[:, -1].float())
+            rows[k].append(block_input(args, kwargs)[:, -1].float())
         return hook
 
     def post(_m, _args, _kwargs, out):
