@@ -36,7 +36,8 @@ import numpy as np
 from lm_eval_layers.importance import estimators as E
 from lm_eval_layers.importance.games import (CachedGame, CornerstoneGame, CornerstoneTailGame, NoisyGame,
                                              RedundantPairsGame)
-from lm_eval_layers.importance.scoring import Estimator, estimate
+from lm_eval_layers.importance.scoring import estimate
+from lm_eval_layers.importance.settings import Estimator
 from lm_eval_layers.importance.shapiq_adapter import APPROXIMATORS, PREFIX
 
 HERE = Path(__file__).parent

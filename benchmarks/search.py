@@ -67,7 +67,7 @@ def main() -> None:
     from lm_eval_layers.search.driver import find_plan, load_model, load_tokenizer
     from lm_eval_layers.search.engine import CalibrationEngine
     from lm_eval_layers.search.settings import SearchSettings
-    from lm_eval_layers.windows import calibration_windows, parse_shape
+    from lm_eval_layers.calibration import calibration_windows, parse_shape
 
     folder = fp32_folder(args.work)
     calibration, heldout_text = split_text(args.work)

@@ -24,7 +24,8 @@ from lm_eval.tasks import TaskManager
 from common import INCLUDE, TASK, save
 from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.importance.games import from_key
-from lm_eval_layers.importance.scoring import DEFAULT_ESTIMATOR, score_units
+from lm_eval_layers.importance.scoring import score_units
+from lm_eval_layers.importance.settings import DEFAULT_ESTIMATOR
 from lm_eval_layers.importance.store import Store
 from lm_eval_layers.importance.task_game import TaskGame, coalition_plan
 from lm_eval_layers.model import LayeredLM

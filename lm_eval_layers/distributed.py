@@ -31,6 +31,15 @@ def setup() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def current() -> tuple[int, int]:
+    """(rank, world size) of the process group this process has joined; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def device() -> str:
     """This process's device: its own GPU under a launcher (LOCAL_RANK), else the CPU."""
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"

@@ -237,7 +237,7 @@ class PlanSpec:
     drop_mlp: tuple[Range, ...] = ()
     insert: tuple[tuple[int, str], ...] = ()
     preset: str | None = None
-    lowest: tuple[str, int, str | None, tuple[int, ...]] | None = None  # from a scores file: unit, depth, model_type, units
+    lowest: tuple[Scores, int] | None = None  # a scores file and K, checked against the model in resolve()
     fixed: tuple[LayerPlan, str | None] | None = None  # from a plan file: the plan and its model_type
 
     ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest", "plan")
@@ -303,16 +303,9 @@ class PlanSpec:
         attn = _resolve("drop_attn", self.drop_attn, n)
         mlp = _resolve("drop_mlp", self.drop_mlp, n)
         if self.lowest is not None:
-            unit, depth, scored_type, units = self.lowest
-            if depth != n:
-                raise PlanError(
-                    f"the scores file is for a model with {depth} blocks, this one has {n}; score this model with `surgery score`"
-                )
-            if scored_type and model_type and scored_type != model_type:
-                raise PlanError(
-                    f"the scores file is for a {scored_type} model, this one is {model_type}; score this model with `surgery score`"
-                )
-            if unit == "block":
+            scores, k = self.lowest
+            units = scores.lowest_for(k, n, model_type)  # depth and architecture first, then K
+            if scores.unit == "block":
                 drops = sorted(set(drops) | set(units))
             else:  # units ordered attn0, mlp0, attn1, ...
                 attn = sorted(set(attn) | {u // 2 for u in units if u % 2 == 0})
@@ -366,8 +359,9 @@ class PlanSpec:
         return [], [((j + 1) * n // k - 1, "copy-zero") for j in range(k)]
 
 
-def _lowest_units(scores: Scores | None, k: Any) -> tuple[str, int, str | None, tuple[int, ...]] | None:
-    """The K lowest-valued units of a scored model, as (unit, depth, model_type, unit indices)."""
+def _lowest_units(scores: Scores | None, k: Any) -> tuple[Scores, int] | None:
+    """A scores file and K, checked for syntax only: the file is checked against the model's
+    depth and architecture, and K against its units, once the model is known (`resolve`)."""
     if scores is None and k is None:
         return None
     if scores is None or k is None:
@@ -376,9 +370,7 @@ def _lowest_units(scores: Scores | None, k: Any) -> tuple[str, int, str | None, 
         raise PlanError(f"drop_lowest={k!r} must be a positive whole number of units")
     if not isinstance(scores, Scores):
         raise TypeError("scores must be a Scores object: read the file with lm_eval_layers.scores_file.read_scores")
-    if int(k) >= len(scores.values):
-        raise PlanError(f"drop_lowest={int(k)} would remove all {len(scores.values)} {scores.unit} units; drop fewer")
-    return scores.unit, scores.num_layers, scores.model_type, scores.lowest(int(k))
+    return scores, int(k)
 
 
 def _resolve_index(name: str, i: int, n: int) -> int:

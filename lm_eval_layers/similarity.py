@@ -4,19 +4,10 @@ block influence BI = 1 − E_t[cos(h_in,t, h_out,t)] (ShortGPT), for every block
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
 from lm_eval_layers.arch import layout_for
-from lm_eval_layers.errors import DataError
-
-
-class Position(str, Enum):
-    """Where angular distance is measured: the last token of each window, or every token."""
-
-    last = "last"
-    all = "all"
+from lm_eval_layers.calibration import calibration_windows
 
 
 @torch.no_grad()
@@ -57,9 +48,5 @@ def block_similarity(model: torch.nn.Module, batches: list[torch.Tensor], positi
 
 
 def calibration_batches(tokenizer, text: str, tokens: int = 128, count: int = 16, batch: int = 8) -> list[torch.Tensor]:
-    """`count` windows of `tokens` tokens from the start of `text`, batched."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    windows = [ids[i * tokens:(i + 1) * tokens] for i in range(min(count, len(ids) // tokens))]
-    if not windows:
-        raise DataError(f"the calibration text has fewer than {tokens} tokens; give a longer text")
-    return [torch.stack(windows[i:i + batch]) for i in range(0, len(windows), batch)]
+    """Up to `count` windows of `tokens` tokens from the start of `text`, batched."""
+    return list(calibration_windows(tokenizer, text, count, tokens, exact=False).split(batch))

@@ -9,7 +9,9 @@ import pytest
 
 from lm_eval_layers.importance import estimators as E
 from lm_eval_layers.importance.games import CachedGame, CornerstoneGame, NoisyGame, QuadraticGame
-from lm_eval_layers.importance.scoring import Estimator, estimate
+from lm_eval_layers.errors import UsageError
+from lm_eval_layers.importance.scoring import estimate
+from lm_eval_layers.importance.settings import Estimator, estimator_name
 
 
 def weights(n: int, seed: int = 0) -> np.ndarray:
@@ -226,11 +228,33 @@ def test_shapiq_approximators_through_the_adapter():
 def test_a_missing_shapiq_is_one_line_naming_the_extra(monkeypatch):
     import importlib.util
 
-    from lm_eval_layers.errors import UsageError
-    from lm_eval_layers.importance.scoring import check_estimator
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shapiq" else real(name, *a))
     with pytest.raises(UsageError, match=r"needs shapiq: pip install lm-eval-layers\[shapiq\]"):
-        check_estimator("shapiq:kernelshap")
-    assert check_estimator("ramc") == "ramc"
+        estimator_name("shapiq:kernelshap")
+    assert estimator_name("ramc") == "ramc"
+
+
+def test_an_unknown_estimator_is_an_error_never_another_estimator():
+    game = CachedGame(CornerstoneGame(weights(6), [0]))
+    for name in ("mc", "regresion", ""):
+        with pytest.raises(UsageError, match="is not one of ramc, ramc-kadd, regression, permutation"):
+            estimate("shapley", game, 40, name, 0, 3)
+    assert game.evaluations == 0  # refused before it spent anything
+    with pytest.raises(UsageError, match="unknown shapiq approximator; use shapiq:kernelshap"):
+        estimator_name("shapiq:magic")
+    assert [estimator_name(n) for n in ("RAMC", "Ramc-KADD", "Permutation")] == ["ramc", "ramc-kadd", "permutation"]
+
+
+def test_shapiq_names_in_any_case_and_as_shapiq_class_names(monkeypatch):
+    """`shapiq:KernelSHAP` (shapiq's class) and `shapiq:KERNELSHAP` are `shapiq:kernelshap`."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    if real("shapiq") is None:  # the names are resolved before shapiq is needed: pretend it is there
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "shapiq" else real(name, *a))
+    for given, name in [("shapiq:KernelSHAP", "kernelshap"), ("SHAPIQ:KERNELSHAP", "kernelshap"), ("shapiq:SVARM", "svarm"),
+                        ("shapiq:PermutationSamplingSV", "permutation"), ("shapiq:StratifiedSamplingSV", "stratified"),
+                        ("shapiq:UnbiasedKernelSHAP", "unbiased-kernelshap"), ("shapiq:kADDSHAP", "kaddshap"),
+                        ("shapiq:KaddShap3", "kaddshap3"), ("shapiq:ProxySPEX", "proxyspex")]:
+        assert estimator_name(given) == "shapiq:" + name, given

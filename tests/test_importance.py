@@ -26,7 +26,7 @@ from lm_eval_layers.columns import example_columns, gold_index, value_of
 from lm_eval_layers.importance.task_game import coalition_plan
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanError, PlanSpec
-from lm_eval_layers.scores_file import read_scores
+from lm_eval_layers.scores_file import Scores, read_scores
 from surgery.cli import app
 
 SURGERY = str(Path(sys.executable).with_name("surgery"))
@@ -169,24 +169,69 @@ def test_scores_from_another_model_are_refused(tiny_llama_dir, tmp_path):
         LayeredLM(pretrained=str(tiny_llama_dir), scores=str(arch), drop_lowest=2, device="cpu")
     with pytest.raises(PlanError, match="go together"):
         PlanSpec.from_args(drop_lowest=2)
+    nulls = tmp_path / "n.json"
+    nulls.write_text(json.dumps({"unit": "block", "num_layers": 6, "model_type": None, "v_full": None, "efficiency": None,
+                                 "units": [{"name": f"block {i}", "index": i, "value": 0.1 * i, "stderr": None} for i in range(6)]}))
+    assert read_scores(nulls).lowest(2) == (0, 1)  # angular / bi files: null where a game's values would be
+    nulls.write_text(json.dumps({"unit": "block", "num_layers": 6, "units": [{"name": "block 0", "index": 0, "value": None}]}))
+    with pytest.raises(PlanError, match="has no value for unit block 0"):
+        read_scores(nulls)
     with pytest.raises(PlanError, match="does not exist"):
         read_scores(tmp_path / "nope.json")
 
 
+def test_a_scores_file_of_another_depth_is_refused_before_its_unit_count():
+    deeper = Scores("block", 24, "llama", tuple(0.1 * i for i in range(24)))
+    for k in (2, 40):  # 40 would also remove every unit: the depth is the mistake to name
+        with pytest.raises(PlanError, match="scores file is for a model with 24 blocks, this one has 6"):
+            deeper.lowest_for(k, 6, "llama")
+    with pytest.raises(PlanError, match="scores file is for a gpt2 model, this one is llama"):
+        Scores("block", 6, "gpt2", (0.0,) * 6).lowest_for(40, 6, "llama")
+    with pytest.raises(PlanError, match="drop_lowest=6 would remove all 6 block units"):
+        Scores("block", 6, "llama", (0.0,) * 6).lowest_for(6, 6, "llama")
+    assert Scores("block", 6, "llama", (0.5, 0.01, 0.2, -0.1, 0.3, 0.02)).lowest_for(3, 6, "llama") == (1, 3, 5)
+
+
+def test_prune_reports_the_depth_mismatch_before_the_count(tiny_llama_dir, tmp_path):
+    deeper = _scores_file(tmp_path / "d.json", "block", [0.1] * 24, num_layers=24)
+    result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), "--scores", str(deeper), "--drop-lowest", "40",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: the scores file is for a model with 24 blocks, this one has 6"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
+    import hashlib
+
+    wikitext = DATA / "wikitext2" / "wiki.test.raw"
+
+    def strict(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
     for method in ("angular", "bi"):
         out = tmp_path / f"{method}.json"
         result = CliRunner().invoke(app, ["score", str(tiny_llama_dir), "--method", method, "--out", str(out)])
         assert result.exit_code == 0, result.output
-        values = [u["value"] for u in json.loads(out.read_text())["units"]]
+        scores = json.loads(out.read_text(), parse_constant=strict)
+        values = [u["value"] for u in scores["units"]]
         assert len(values) == 6 and all(0 < v < (1 if method == "angular" else 2) for v in values)
+        assert all(u["stderr"] is None and u["ci_low"] is None for u in scores["units"])
+        assert scores["efficiency"] is None and scores["v_full"] is None and scores["metric"] is None
+        assert scores["calibration"] == {"path": str(wikitext.resolve()), "sha256": hashlib.sha256(wikitext.read_bytes()).hexdigest(),
+                                         "windows": 16, "tokens": 128}
+        shown = result.stdout + result.stderr
+        assert result.stdout.split()[:2] == [method, "of"]  # the title names no estimator (the path may wrap)
+        assert "± coalitions" not in shown and "± examples" not in shown
+        assert "None" not in shown and "nan" not in shown and "v(N)" not in shown
+        assert f"{method} on 16 windows of 128 tokens of {wikitext.resolve()}" in " ".join(result.stderr.split())
     # Cross-check block 0's influence from output_hidden_states (its input and output).
     model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tok = T.AutoTokenizer.from_pretrained(tiny_llama_dir)
     from lm_eval_layers.similarity import block_similarity, calibration_batches
 
-    batches = calibration_batches(tok, (DATA / "wikitext2" / "wiki.test.raw").read_text())
+    batches = calibration_batches(tok, wikitext.read_text())
     sims = block_similarity(model, batches)
     with torch.no_grad():
         expected = np.mean([1 - torch.nn.functional.cosine_similarity(*model(b, output_hidden_states=True).hidden_states[0:2], dim=-1).mean().item()
@@ -198,12 +243,16 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
     runner = CliRunner()
     for args, message in [
         (["--method", "magic"], "--method': Value error, 'magic' is not one of 'shapley'"),
-        (["--unit", "head"], "--unit': Value error, 'head' is not one of 'block', 'attn', 'mlp'"),
+        (["--unit", "head"], "--unit': Value error, 'head' is not one of 'block', 'halves', 'attn', 'mlp'"),
         (["--metric", "f1"], "--metric': Value error, 'f1' is not one of 'acc'"),
         (["--method", "angular", "--unit", "attn"], "error: --method angular scores blocks; use --unit block"),
         (["--estimator", "mc"], "error: --estimator 'mc' is not one of ramc, ramc-kadd, regression, permutation, or shapiq:NAME"),
         (["--estimator", "shapiq:magic"], "error: --estimator shapiq:magic: unknown shapiq approximator; use shapiq:kernelshap"),
         (["--estimator", "regression", "--tol", "0.01"], "error: --tol needs --method shapley with --estimator ramc"),
+        (["--method", "ablation", "--limit", "0"], "error: --limit 0: give at least 1"),
+        (["--batch-size", "0"], "error: --batch-size 0: give at least 1"),
+        (["--batch-size", "-4"], "error: --batch-size -4: give at least 1"),
+        (["--tasks", ","], "error: --tasks is empty"),
         (["--tasks", "arc_easy_locl"], "error: task 'arc_easy_locl' is not known to lm-eval or to the shipped tasks; did you mean arc_easy_local"),
         (["--include-path", str(tmp_path / "none")], "error: task folder"),
     ]:
@@ -211,6 +260,61 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
         text = " ".join(result.stderr.replace("│", " ").split())  # Typer boxes its usage errors
         assert result.exit_code == 2 and message in text, result.output
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_an_existing_out_is_refused_unless_forced(tmp_path, local_data):
+    """Before the model loads: the earlier scores.json is kept; --force passes the check (then
+    the model that does not exist is what stops the run)."""
+    out = tmp_path / "scores.json"
+    out.write_text("{}")
+    runner = CliRunner()
+    for method in ("angular", "ablation"):
+        result = runner.invoke(app, ["score", str(tmp_path / "missing"), "--method", method, "--out", str(out)])
+        assert result.exit_code == 2 and result.stderr == f"error: --out {out} exists; choose another name or pass --force to replace it\n"
+        forced = runner.invoke(app, ["score", str(tmp_path / "missing"), "--method", method, "--out", str(out), "--force"])
+        assert forced.exit_code == 2 and forced.stderr.startswith("error: cannot load a model config from"), forced.output
+    assert out.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
+def test_a_metric_a_task_lacks_is_refused_before_the_first_coalition(tiny4, tmp_path, local_data, monkeypatch):
+    """boolq has no acc_norm: refused once the requests are prepared, after v(N) alone, with
+    the metrics it does report; no scores.sqlite is left behind."""
+    from lm_eval_layers.evaluate import Evaluator
+
+    calls = []
+    real = Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, plan, *a, **k: calls.append(plan) or real(self, plan, *a, **k))
+    out = tmp_path / "s.json"
+    result = CliRunner().invoke(app, ["score", str(tiny4), "--tasks", "boolq_local", "--include-path", str(TASKS),
+                                      "--limit", "2", "--method", "exact", "--metric", "acc_norm", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == "error: --metric acc_norm is not reported by boolq_local; use acc or loglik or margin", result.stderr
+    assert len(calls) == 1 and calls[0].is_identity  # v(N) only, of 16 coalitions
+    assert not list(tmp_path.iterdir())
+
+
+def test_scoring_from_python_without_the_cli(tiny4, tmp_path, local_data, monkeypatch):
+    """`score_model` on a loaded model: leave-one-out values equal v(N) − v(N∖{i}) measured
+    directly, with the evaluations kept in memory (no file written)."""
+    from lm_eval_layers.evaluate import Evaluator
+    from lm_eval_layers.importance.session import load_model, score_model
+    from lm_eval_layers.importance.settings import ScoreSettings
+    from lm_eval_layers.task_suite import task_manager
+
+    monkeypatch.chdir(tmp_path)
+    settings = ScoreSettings(str(tiny4), method="ablation", include_path=TASKS, limit=3, metric="loglik")
+    lm = load_model(settings)
+    document = score_model(lm, settings)
+    evaluator = Evaluator(lm, ["arc_easy_local"], task_manager(TASKS), 3)
+
+    def v(**plan) -> float:
+        return value_of(evaluator.evaluate(PlanSpec.from_args(**plan)).examples, "loglik")
+
+    full = v()
+    assert [u["value"] for u in document["units"]] == pytest.approx([full - v(drop=i) for i in range(4)], abs=1e-9)
+    assert document["new_evaluations"] == 6 and document["v_full"] == pytest.approx(full)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -316,7 +420,7 @@ def test_the_store_answers_only_for_the_model_files_and_settings_that_produced_i
     runner = CliRunner()
 
     def run(*extra: str) -> dict:
-        result = runner.invoke(app, [*score_args(model, out, "--method", "ablation", "--resume"), *extra])
+        result = runner.invoke(app, [*score_args(model, out, "--method", "ablation", "--resume", "--force"), *extra])
         assert result.exit_code == 0, result.output
         return json.loads(out.read_text())
 

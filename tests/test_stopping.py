@@ -11,6 +11,9 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import stopping
 from lm_eval_layers.importance.games import CachedGame, CornerstoneGame, from_key
 from lm_eval_layers.importance.scoring import estimate
+from lm_eval_layers.importance.settings import Estimator, ScoreSettings
+
+NESTED = [e.value for e in Estimator if e.nested]
 
 
 def game(n: int = 12) -> CornerstoneGame:
@@ -19,7 +22,7 @@ def game(n: int = 12) -> CornerstoneGame:
     return CornerstoneGame(w, [0, 1])
 
 
-@pytest.mark.parametrize("estimator", stopping.NESTED)
+@pytest.mark.parametrize("estimator", NESTED)
 def test_rounds_extend_each_other(estimator):
     rounds = stopping.plan(12, "shapley", 600, estimator, 3, 0)
     assert len(rounds) == stopping.ROUNDS and rounds[-1][0] == 600
@@ -74,11 +77,19 @@ def test_a_resumed_run_stops_at_the_same_round():
     assert kept.keys() == stored.keys()
 
 
+def test_only_nested_estimators_can_run_in_rounds():
+    """`Estimator.nested` is a property of the estimator, checked here against its coalitions."""
+    assert NESTED == ["ramc", "ramc-kadd", "permutation"]
+    with pytest.raises(AssertionError, match="do not extend the previous round's"):
+        stopping.plan(12, "shapley", 600, Estimator.regression.value, 3, 0)
+
+
 def test_tol_is_refused_where_rounds_cannot_extend_each_other():
-    for method, estimator, message in [("shapley", "regression", "--tol needs --method shapley"),
+    for method, estimator, message in [("shapley", "regression", "--tol needs --method shapley with --estimator ramc|ramc-kadd|permutation"),
                                        ("exact", "ramc", "--tol needs --method shapley"),
-                                       ("shapley", "shapiq:kernelshap", "--tol needs")]:
+                                       ("shapley", "shapiq:kernelshap", "--tol needs|needs shapiq")]:
         with pytest.raises(UsageError, match=message):
-            stopping.check_tol(0.01, method, estimator)
+            ScoreSettings("m", method=method, estimator=estimator, tol=0.01)
     with pytest.raises(UsageError, match="positive"):
-        stopping.check_tol(0, "shapley", "ramc")
+        ScoreSettings("m", tol=0)
+    assert ScoreSettings("m", estimator="RAMC", tol=0.01).shapley_estimator == "ramc"

@@ -199,9 +199,10 @@ def regression(game: CachedGame, budget: int, seed: int = 0, bootstrap: int = 20
 
 
 def window(game: CachedGame, level: int = 3) -> Estimate:
-    """Seed 1's heuristic: for unit i, the equal-weight mean of v(N) − v(N∖{i}) and of
-    v(N∖W) − v(N∖(W∪{i})) for every contiguous window W (length ≤ level−1) that i extends at
-    its left or right edge. Not Shapley-weighted; shipped to reproduce their numbers."""
+    """The local heuristic of "Investigating Layer Importance in Large Language Models": for
+    unit i, the equal-weight mean of v(N) − v(N∖{i}) and of v(N∖W) − v(N∖(W∪{i})) for every
+    contiguous window W (length ≤ level−1) that i extends at its left or right edge. Not
+    Shapley-weighted; shipped to reproduce that paper's numbers."""
     n = game.n
     v_empty, v_full = end_values(game)
     full = np.ones(n, bool)

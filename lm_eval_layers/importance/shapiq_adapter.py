@@ -33,15 +33,20 @@ APPROXIMATORS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def check_name(estimator: str) -> str:
-    """The NAME of `shapiq:NAME`, if it is one of `APPROXIMATORS` (checked before any model loads)."""
+    """The NAME of `shapiq:NAME` as a key of `APPROXIMATORS`, in any case, or given as shapiq's
+    own class name (`shapiq:KernelSHAP`; `kADDSHAP` is its order-2 entry), checked before any
+    model loads."""
     import importlib.util
 
-    name = estimator[len(PREFIX):]
-    if name not in APPROXIMATORS:
+    given = estimator[len(PREFIX):].lower()
+    names = {name: name for name in APPROXIMATORS}
+    for name, (cls, _) in APPROXIMATORS.items():
+        names.setdefault(cls.lower(), name)
+    if given not in names:
         raise UsageError(f"--estimator {estimator}: unknown shapiq approximator; use shapiq:" + "|".join(APPROXIMATORS))
     if importlib.util.find_spec("shapiq") is None:
         raise UsageError(f"--estimator {estimator} needs shapiq: pip install lm-eval-layers[shapiq]")
-    return name
+    return names[given]
 
 
 def _shapiq() -> Any:
@@ -80,4 +85,4 @@ def approximate(game: CachedGame, budget: int, seed: int, estimator: str) -> Est
     approximator = getattr(shapiq, cls)(n=game.n, random_state=seed, **options)
     values = approximator.approximate(budget, as_shapiq_game(game))
     phi = np.array([values[(i,)] for i in range(game.n)], dtype=float)
-    return Estimate(estimator, phi, np.zeros(game.n), game.evaluations, v_empty, v_full, {"shapiq": cls})
+    return Estimate(PREFIX + name, phi, np.zeros(game.n), game.evaluations, v_empty, v_full, {"shapiq": cls})

@@ -7,6 +7,8 @@ previous one (the estimators that allow `--tol` draw their coalitions as a prefi
 stream). So the distributed split and the resume work per round as they do for one list, and
 the bootstrap over examples runs once, on the list of the round that stopped.
 
+`Estimator.nested` names those estimators; `ScoreSettings` refuses `--tol` with the others.
+
 The interval the rule reads is the coalition-sampling one (the estimator's own 95% interval):
 it is what more coalitions shrink. The examples' error does not shrink with coalitions (only
 with `--limit`), so it is reported but never waited for.
@@ -20,21 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance.estimators import Estimate, enumerable
-from lm_eval_layers.importance.scoring import Estimator, planned_coalitions
+from lm_eval_layers.importance.scoring import planned_coalitions
 
-# Estimators whose coalitions at a smaller budget are a prefix of those at a larger one.
-NESTED = (Estimator.ramc.value, Estimator.ramc_kadd.value, Estimator.permutation.value)
 MIN_ROUNDS = 3
 ROUNDS = 8
-
-
-def check_tol(tol: float, method: str, estimator: str) -> None:
-    if tol <= 0:
-        raise UsageError("--tol must be a positive half-width, e.g. --tol 0.01")
-    if method != "shapley" or estimator not in NESTED:
-        raise UsageError(f"--tol needs --method shapley with --estimator {'|'.join(NESTED)} (their rounds extend each other)")
 
 
 def round_budgets(n: int, budget: int, rounds: int = ROUNDS) -> list[int]:

@@ -2,7 +2,8 @@
 as it is measured, so runs resume, budgets extend, and any metric reuses them.
 
 A row answers only for its context (model files, dtype, tasks, document limit, unit): a store
-written for another model or task set is never read back for this one.
+written for another model or task set is never read back for this one. The file is created by
+the first evaluation it keeps, so a run refused before any evaluation leaves none behind.
 """
 
 from __future__ import annotations
@@ -16,26 +17,34 @@ from lm_eval_layers.columns import Columns
 
 
 class Store:
-    def __init__(self, path: Path, context: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, context: dict[str, Any]) -> None:
+        """`path` None keeps the evaluations in memory, for the life of this object."""
         self.path = path
         self.context = json.dumps(context, sort_keys=True)
-        self.db = sqlite3.connect(str(path))
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS coalitions (context TEXT, coalition TEXT, scores TEXT, PRIMARY KEY (context, coalition))"
-        )
-        self.db.commit()
+        self._db: sqlite3.Connection | None = None
+
+    def _open(self, create: bool) -> sqlite3.Connection | None:
+        if self._db is None and (create or self.path is None or self.path.exists()):
+            self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path))
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS coalitions (context TEXT, coalition TEXT, scores TEXT, PRIMARY KEY (context, coalition))"
+            )
+            self._db.commit()
+        return self._db
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM coalitions WHERE context = ?", (self.context,)).fetchone()[0]
+        db = self._open(create=False)
+        return db.execute("SELECT COUNT(*) FROM coalitions WHERE context = ?", (self.context,)).fetchone()[0] if db else 0
 
     def get(self, coalition: str) -> dict[str, Columns] | None:
-        row = self.db.execute(
+        db = self._open(create=False)
+        row = db.execute(
             "SELECT scores FROM coalitions WHERE context = ? AND coalition = ?", (self.context, coalition)
-        ).fetchone()
+        ).fetchone() if db else None
         return json.loads(row[0]) if row else None
 
     def put(self, coalition: str, scores: dict[str, Columns]) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO coalitions VALUES (?, ?, ?)", (self.context, coalition, json.dumps(scores))
-        )
-        self.db.commit()
+        db = self._open(create=True)
+        assert db is not None
+        db.execute("INSERT OR REPLACE INTO coalitions VALUES (?, ?, ?)", (self.context, coalition, json.dumps(scores)))
+        db.commit()

@@ -6,7 +6,6 @@ can be bootstrapped over examples without new model calls.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -14,47 +13,28 @@ import numpy as np
 from lm_eval_layers.columns import Columns, value_of
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance.games import key
+from lm_eval_layers.importance.settings import Metric, Unit
 from lm_eval_layers.importance.store import Store
 from lm_eval_layers.plan import LayerPlan, Slot
 
 
-class Unit(str, Enum):
-    """What a player is: a whole block, or one half (attention / MLP branch) of every block."""
-
-    block = "block"
-    attn = "attn"
-    mlp = "mlp"
-
-
-class Metric(str, Enum):
-    """The per-example column a game averages (see `columns.py`)."""
-
-    acc = "acc"
-    acc_norm = "acc_norm"
-    loglik = "loglik"
-    margin = "margin"
+def check_metric(scores: dict[str, Columns], metric: str) -> None:
+    """Refuse a metric some task does not report, naming the ones every task does."""
+    missing = [task for task, columns in scores.items() if metric not in columns]
+    if missing:
+        common = [m.value for m in Metric if all(m.value in columns for columns in scores.values())]
+        raise UsageError(f"--metric {metric} is not reported by {', '.join(missing)}; "
+                         + (f"use {' or '.join(common)}" if common else "choose other tasks"))
 
 
-def num_players(unit: str, num_layers: int) -> int:
-    """Blocks are players for `block`; for `attn` / `mlp`, both halves of every block are
-    players, ordered attn0, mlp0, attn1, mlp1, …"""
-    return num_layers if unit == "block" else 2 * num_layers
-
-
-def unit_names(unit: str, num_layers: int) -> list[str]:
-    if unit == "block":
-        return [f"block {i}" for i in range(num_layers)]
-    return [f"{half} {i}" for i in range(num_layers) for half in ("attn", "mlp")]
-
-
-def coalition_plan(coalition: np.ndarray, unit: str, num_layers: int) -> LayerPlan:
+def coalition_plan(coalition: np.ndarray, unit: Unit | str, num_layers: int) -> LayerPlan:
     """The variant keeping exactly the units in `coalition`.
 
     A block without either half is dropped (same function, less work), except when that would
     drop every block: then the halves are removed instead, so v(∅) is the embeddings alone.
     """
     kept = np.asarray(coalition, dtype=bool)
-    if unit == "block":
+    if Unit(unit) is Unit.block:
         attn = mlp = kept
     else:
         attn, mlp = kept[0::2], kept[1::2]
@@ -75,12 +55,12 @@ class TaskGame:
         self,
         evaluate: Callable[[LayerPlan], dict[str, Columns]],
         num_layers: int,
-        unit: str,
+        unit: Unit | str,
         metric: str,
         store: Store,
     ) -> None:
-        self.evaluate, self.num_layers, self.unit, self.metric, self.store = evaluate, num_layers, unit, metric, store
-        self.n = num_players(unit, num_layers)
+        self.evaluate, self.num_layers, self.unit, self.metric, self.store = evaluate, num_layers, Unit(unit), metric, store
+        self.n = self.unit.players(num_layers)
 
     def name(self, coalition: np.ndarray) -> str:
         """The coalition's key in the store (hex bitmask)."""
@@ -104,7 +84,6 @@ class TaskGame:
         out = []
         for c in np.atleast_2d(coalitions):
             scores = self.scores(c)
-            if any(self.metric not in m for m in scores.values()):
-                raise UsageError(f"metric {self.metric!r} is not reported by every task; use one of {', '.join(m.value for m in Metric)}")
+            check_metric(scores, self.metric)
             out.append(value_of(scores, self.metric))
         return np.array(out)

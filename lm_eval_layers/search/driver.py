@@ -17,7 +17,7 @@ from lm_eval_layers.search.methods import (
 )
 from lm_eval_layers.search.settings import SearchSettings, SearchUnit
 from lm_eval_layers.search.units import all_units, protected_units, unit_parameters
-from lm_eval_layers.windows import calibration_windows, parse_shape
+from lm_eval_layers.calibration import calibration_windows, parse_shape
 
 SCHEMA = 1
 
@@ -96,7 +96,7 @@ def run_method(settings: SearchSettings, problem: Problem, progress: Progress) -
 @torch.no_grad()
 def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any]:
     """Run the search; returns the search.json document."""
-    from lm_eval_layers.importance.calibration import read_calibration
+    from lm_eval_layers.calibration import read_calibration
     from lm_eval_layers.outputs import check_file
 
     check_file(settings.out, settings.force)

@@ -9,7 +9,7 @@ from pathlib import Path
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
-from lm_eval_layers.windows import parse_shape
+from lm_eval_layers.calibration import parse_shape
 
 
 class SearchUnit(str, Enum):
