@@ -24,6 +24,7 @@ from pathlib import Path
 import typer
 
 from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, WriteSettings
+from surgery.bench import bench
 from surgery.ila import app as ila_app
 from surgery.options import Bars, ModelArg, command, console, status, user_errors
 from surgery.score import score
@@ -81,6 +82,7 @@ def expand(settings: ExpandSettings) -> None:
 
 
 app.command()(score)
+app.command()(bench)
 app.command()(search)
 app.command()(train)
 app.add_typer(ila_app, name="ila")

@@ -138,7 +138,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         "calibration": {"path": str(calibration.path), "sha256": calibration.sha256, "windows": count,
                         "tokens": tokens, "seed": settings.seed},
         "dtype": settings.dtype.value, "full_objective": problem.per_token(engine.full_scores),
-        "steps": [{**vars(s), "removed": list(s.removed)} for s in steps],
+        "steps": [{**vars(s), "removed": list(s.removed), "plan": problem.plan(s.removed).to_dict()} for s in steps],
         "plan": plan.to_dict(), "description": plan.describe(),
         "params": problem.kept(removed), "total_params": total,
         "block_passes": engine.block_passes,
