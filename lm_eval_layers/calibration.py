@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_layers.errors import UsageError
+from lm_eval_layers.settings import option
 
 WIKITEXT = Path("wikitext2") / "wiki.test.raw"
 
@@ -30,6 +31,22 @@ def parse_shape(text: str, flag: str = "--tokens") -> tuple[int, int]:
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 2:
         raise UsageError(f"{flag} {text!r}: write WINDOWSxTOKENS with at least 1 window of 2 tokens, e.g. 32x256")
     return int(m.group(1)), int(m.group(2))
+
+
+def calibration_option(help: str = "text file (default: the local WikiText-2 test text)") -> Any:
+    """The `--calibration` field of a command's settings (declared here once)."""
+    return option(None, "--calibration", help)
+
+
+def tokens_option(default: str) -> Any:
+    """The `--tokens WINDOWSxTOKENS` field; each command picks its default (how many tokens it
+    needs differs: a search ranks candidates, a fitted map has d² parameters)."""
+    return option(default, "--tokens", "calibration windows × tokens per window, e.g. 32x256")
+
+
+def seed_option() -> Any:
+    """The `--seed` field that picks the calibration windows."""
+    return option(0, "--seed", "calibration windows: 0 takes the first ones of the text, another seed draws others")
 
 
 @dataclass(frozen=True)

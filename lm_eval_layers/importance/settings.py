@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
+from lm_eval_layers.calibration import calibration_option
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import shapiq_adapter
 from lm_eval_layers.precision import DType
@@ -135,7 +136,7 @@ class ScoreSettings:
     force: bool = option(False, "--force", f"replace an existing --out; also allows --method exact above {EXACT_LIMIT} units")
     dtype: DType = option(DType.float32, "--dtype")
     batch_size: int = option(32, "--batch-size")
-    calibration: Path | None = option(None, "--calibration", "text file for angular / bi")
+    calibration: Path | None = calibration_option("text file for angular / bi (default: the local WikiText-2 test text)")
 
     def __post_init__(self) -> None:
         from lm_eval_layers.calibration import calibration_file

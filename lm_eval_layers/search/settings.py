@@ -9,7 +9,7 @@ from pathlib import Path
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
-from lm_eval_layers.calibration import parse_shape
+from lm_eval_layers.calibration import calibration_option, parse_shape, seed_option, tokens_option
 
 
 class SearchUnit(str, Enum):
@@ -37,9 +37,9 @@ class SearchSettings:
                          "(a `surgery score` ranking, lowest first)")
     protect: str = option("0,-1", "--protect", "blocks never removed (plan syntax; '' for none)")
     objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, or kl from the full model's next-token distribution")
-    calibration: Path | None = option(None, "--calibration", "text file (default: the local WikiText-2 test text)")
-    tokens: str = option("32x256", "--tokens", "calibration windows × tokens per window")
-    seed: int = option(0, "--seed", "0: the first windows of the text; another seed draws other windows")
+    calibration: Path | None = calibration_option()
+    tokens: str = tokens_option("32x256")
+    seed: int = seed_option()
     batch_size: int = option(4, "--batch-size", "windows per forward pass (logits of one batch exist at a time)")
     dtype: DType = option(DType.float32, "--dtype", "compute dtype (float32 on CPU)")
     plot: Path | None = option(None, "--plot", "PNG of the objective against units removed")
