@@ -13,7 +13,7 @@ from surgery.options import Bars, command, console, quiet_training_logs, user_er
 
 @command(SearchSettings)
 def search(settings: SearchSettings) -> None:
-    """Choose what to cut: greedy (SLEB), beam or the deepest units, to --remove K units or keep --params P%."""
+    """Choose what to cut: greedy (SLEB), beam, evolve (EvoPress), rankings or the deepest units, to --remove K units or keep --params P%."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 
@@ -30,7 +30,9 @@ def search(settings: SearchSettings) -> None:
             draw(doc, settings.plot)
     Console().print(table(doc))
     console.print(f"{doc['description']}; {doc['params']:,} of {doc['total_params']:,} parameters kept; "
-                  f"{doc['block_passes']:.0f} block passes in {doc['search_seconds']:.1f} s; written {settings.out}"
+                  f"{doc['block_passes']:.0f} block passes in {doc['search_seconds']:.1f} s; "
+                  f"{doc['evaluations']['computed']} candidates evaluated, {doc['evaluations']['stored']} read back from "
+                  f"{settings.store_path}; written {settings.out}"
                   + (f" and {settings.plot}" if settings.plot else ""))
 
 
@@ -39,12 +41,15 @@ def table(doc: dict[str, Any]) -> Any:
 
     t = Table(title=f"{doc['method']} search of {doc['model']} ({doc['unit']} units, {doc['objective']} per token; "
                     f"full model {doc['full_objective']:.4f})")
-    for col in ("step", "removed", doc["objective"], "runner-up", "margin 95% CI", "params kept", "block passes"):
+    evolve = any("generation" in s for s in doc["steps"])  # a step per generation: its best set
+    for col in ("generation" if evolve else "step", "removed", doc["objective"], "runner-up", "margin 95% CI",
+                "params kept", "block passes"):
         t.add_column(col, justify="right")
     for i, s in enumerate(doc["steps"], 1):
         runner = f"{s['runner_up']['removed']} ({s['runner_up']['objective']:.4f})" if s["runner_up"] else "-"
         ci = f"[{s['margin_ci'][0]:.4f}, {s['margin_ci'][1]:.4f}]" if s["margin_ci"] else "-"
-        t.add_row(str(i), str(s["removed"][-1]), f"{s['objective']:.4f}", runner, ci,
+        t.add_row(str(s["generation"] if evolve else i), ",".join(map(str, s["removed"])) if evolve else str(s["removed"][-1]),
+                  f"{s['objective']:.4f}", runner, ci,
                   f"{s['params'] / doc['total_params']:.1%}", f"{s['block_passes']:.0f}")
     return t
 
@@ -55,13 +60,20 @@ def draw(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [0] + [len(s["removed"]) for s in doc["steps"]]
-    ys = [doc["full_objective"]] + [s["objective"] for s in doc["steps"]]
+    evolve = any("generation" in s for s in doc["steps"])
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(xs, ys, marker="o", color="#4477aa")
-    for x, y, s in zip(xs[1:], ys[1:], doc["steps"]):
-        ax.annotate(str(s["removed"][-1]), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
-    ax.set_xlabel(f"{doc['unit']} units removed")
+    if evolve:  # the best set's objective per generation
+        ax.plot([s["generation"] for s in doc["steps"]], [s["objective"] for s in doc["steps"]], marker="o", color="#4477aa")
+        ax.axhline(doc["full_objective"], ls="--", color="#888888", lw=1, label="full model")
+        ax.legend(loc="upper right", fontsize=8)
+        ax.set_xlabel(f"generation ({len(doc['steps'][-1]['removed'])} {doc['unit']} units removed)")
+    else:
+        xs = [0] + [len(s["removed"]) for s in doc["steps"]]
+        ys = [doc["full_objective"]] + [s["objective"] for s in doc["steps"]]
+        ax.plot(xs, ys, marker="o", color="#4477aa")
+        for x, y, s in zip(xs[1:], ys[1:], doc["steps"]):
+            ax.annotate(str(s["removed"][-1]), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        ax.set_xlabel(f"{doc['unit']} units removed")
     ax.set_ylabel(f"{doc['objective']} per token (calibration)")
     ax.set_title(f"{doc['model']}: {doc['method']} search", fontsize=10)
     fig.tight_layout()

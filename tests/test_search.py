@@ -144,7 +144,9 @@ BAD = [
     (["--remove", "1", "--tokens", "8"], "WINDOWSxTOKENS"),
     (["--remove", "1", "--unit", "halves", "--method", "angular"], "contiguous run of blocks; use --unit block"),
     (["--remove", "1", "--method", "scores:/no/such.json"], "no scores file at /no/such.json"),
-    (["--remove", "1", "--method", "evolve"], "--method evolve: use one of"),
+    (["--remove", "1", "--method", "evolve:3"], "--method evolve:3: use one of"),
+    (["--remove", "1", "--method", "evolve", "--generations", "0"], "--generations 0: give at least 1"),
+    (["--remove", "1", "--method", "evolve", "--survivors", "20"], "--survivors 20 exceeds --offspring 16"),
 ]
 
 
@@ -208,3 +210,50 @@ def test_angular_removes_the_closest_contiguous_run_and_bi_ranks_blocks():
     assert step.removed == [best, best + 1]
     order = block_influence_order(problem(model, engine, units, remove=2))
     assert sorted(order) == units and len(order) == 4
+
+
+def test_evolve_is_bounded_deterministic_and_never_worse_than_its_start():
+    from lm_eval_layers.search.evolve import evaluation_bound, evolve, start_set
+
+    model = make_model("llama", seed=5)
+    runs = []
+    for _ in range(2):
+        engine = CalibrationEngine(model, WINDOWS, "nll", batch_size=6)
+        screen = CalibrationEngine(model, WINDOWS[:2], "nll", batch_size=6)
+        p = Problem(engine, [1, 2, 3, 4], unit_parameters(model, layout_for(model), False),
+                    sum(x.numel() for x in model.parameters()), Budget(remove=2), "llama", 7, None, screen)
+        runs.append((evolve(p, generations=3, offspring=2, survivors=1), p))
+    (steps, p), (again, _) = runs
+    assert [(s.removed, s.objective) for s in steps] == [(s.removed, s.objective) for s in again]
+    assert steps[0].removed == start_set(p) == [3, 4] and steps[0].generation == 0
+    assert steps[-1].evaluations <= evaluation_bound(3, 2, 1)
+    assert p.evaluations.count + p.screening.count == steps[-1].evaluations
+    assert all(s.objective <= steps[0].objective for s in steps)
+    assert all(len(s.removed) == 2 and set(s.removed) <= {1, 2, 3, 4} for s in steps)
+    best = float(direct_nll(model, plan_without(DEPTH, steps[-1].removed)).sum()) / (6 * 15)
+    assert steps[-1].objective == pytest.approx(best, rel=1e-5)
+
+
+def test_resume_reads_every_stored_candidate_and_other_settings_never(tiny_llama_dir, calibration, tmp_path):
+    out = tmp_path / "s.json"
+    args = [tiny_llama_dir, "--remove", "2", "--calibration", calibration, "--tokens", "4x16", "--method", "evolve",
+            "--generations", "2", "--offspring", "3", "--screen", "2", "--out", out]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    doc = json.loads(out.read_text())
+    assert doc["evaluations"]["stored"] == 0 and (tmp_path / "s.sqlite").is_file()
+    refused = invoke(*args, "--force")  # --force alone starts afresh; without it and --resume: refused
+    assert refused.exit_code == 0
+    out.unlink()  # a killed search leaves only its store
+    again = invoke(*args)
+    assert again.exit_code == 2 and "already holds evaluations" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    redo = json.loads(out.read_text())
+    assert redo["evaluations"]["computed"] == 0 and redo["block_passes"] == 0
+    strip = lambda d: [{k: v for k, v in s.items() if k not in ("seconds", "block_passes")} for s in d["steps"]]  # noqa: E731
+    assert strip(redo) == strip(doc) and redo["plan"] == doc["plan"]
+    out.unlink()
+    other = invoke(*args[:-1], out, "--objective", "kl", "--resume")  # another objective: nothing read back
+    assert other.exit_code == 0, other.output
+    assert json.loads(out.read_text())["evaluations"]["stored"] == 0

@@ -1,6 +1,7 @@
 """`surgery search` as a library call: check the settings against the model's depth, load the
 model once, score candidates on calibration windows (`engine.py`) with a method
-(`methods.py`), and return the search.json document (its final `plan` has the schema of
+(`methods.py`, `evolve.py`), keep every evaluated candidate in a store beside --out
+(`evaluations.py`; `--resume` reads it back), and return the search.json document (its final `plan` has the schema of
 `layer_plan.json`, so every executor reads it)."""
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def scores_values(settings: SearchSettings, depth: int) -> tuple[float, ...]:
 
 def run_method(settings: SearchSettings, problem: Problem, progress: Progress) -> list:
     name = settings.method_name
+    if name == "evolve":
+        from lm_eval_layers.search.evolve import evolve
+
+        return evolve(problem, settings.generations, settings.offspring, settings.survivors, progress)
     if name in ("greedy", "beam"):
         return greedy(problem, settings.beam, progress)
     if name == "last":
@@ -93,15 +98,37 @@ def run_method(settings: SearchSettings, problem: Problem, progress: Progress) -
     return ranked(problem, scores_order(problem, scores_values(settings, problem.engine.num_layers)), progress)
 
 
+def check_store(settings: SearchSettings) -> None:
+    """An existing store is read only with --resume; --force starts afresh (it is removed once the
+    search is about to write); otherwise refused, before any model loads."""
+    store = settings.store_path
+    if store.exists() and not settings.resume and not settings.force:
+        raise UsageError(f"{store} already holds evaluations; pass --resume to reuse them, --force to start afresh, "
+                         "or choose another --out")
+
+
+def store_context(settings: SearchSettings, calibration: dict[str, Any]) -> dict[str, Any]:
+    """What a stored evaluation answers for: model files, calibration, objective, dtype, unit."""
+    from lm_eval_layers.default_model import resolve_alias
+    from lm_eval_layers.identity import model_identity
+
+    path, gguf = resolve_alias(settings.model, None)
+    return {"model": model_identity(str(path), gguf_file=gguf), "calibration": calibration,
+            "objective": settings.objective.value, "dtype": settings.dtype.value, "unit": settings.unit.value}
+
+
 @torch.no_grad()
 def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any]:
     """Run the search; returns the search.json document."""
     from lm_eval_layers.calibration import read_calibration
     from lm_eval_layers.outputs import check_file
 
+    from lm_eval_layers.importance.store import Store
+
     check_file(settings.out, settings.force)
     if settings.plot:
         check_file(settings.plot, settings.force, "--plot")
+    check_store(settings)
     calibration = read_calibration(settings.calibration)
     count, tokens = parse_shape(settings.tokens)
     start = time.perf_counter()
@@ -123,9 +150,16 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         raise UsageError(f"--params {settings.params} cannot be met: removing every unprotected unit keeps "
                          f"{1 - sum(sizes[u] for u in candidates) / total:.1%}; keep more or protect less")
     loaded = time.perf_counter()
+    calibration_key = {"sha256": calibration.sha256, "windows": count, "tokens": tokens, "seed": settings.seed}
+    if settings.store_path.exists() and not settings.resume:  # --force: start afresh
+        settings.store_path.unlink()
+    store = Store(settings.store_path, store_context(settings, calibration_key))
     progress("running the full model on the calibration windows", 0, 1)
     engine = CalibrationEngine(model, windows, settings.objective.value, settings.batch_size)
-    problem = Problem(engine, candidates, sizes, total, budget, model.config.model_type, settings.seed)
+    screen = None
+    if settings.method_name == "evolve" and settings.screen < count:
+        screen = CalibrationEngine(model, windows[:settings.screen], settings.objective.value, settings.batch_size)
+    problem = Problem(engine, candidates, sizes, total, budget, model.config.model_type, settings.seed, store, screen)
     steps = run_method(settings, problem, progress)
     removed = steps[-1].removed if steps else []
     plan = problem.plan(removed)
@@ -137,12 +171,29 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         "budget": {"remove": settings.remove, "params": settings.params}, "protect": settings.protect,
         "calibration": {"path": str(calibration.path), "sha256": calibration.sha256, "windows": count,
                         "tokens": tokens, "seed": settings.seed},
-        "dtype": settings.dtype.value, "full_objective": problem.per_token(engine.full_scores),
-        "steps": [{**vars(s), "removed": list(s.removed), "plan": problem.plan(s.removed).to_dict()} for s in steps],
+        "dtype": settings.dtype.value, "full_objective": problem.per_token(problem.evaluations.score([])),
+        "steps": [step_record(problem, s) for s in steps],
         "plan": plan.to_dict(), "description": plan.describe(),
         "params": problem.kept(removed), "total_params": total,
-        "block_passes": engine.block_passes,
+        "block_passes": problem.block_passes,
+        "evaluations": evaluation_counts(problem),
+        **({"evolve": {"generations": settings.generations, "offspring": settings.offspring,
+                       "survivors": settings.survivors, "screen": min(settings.screen, count)}}
+           if settings.method_name == "evolve" else {}),
         # what SLEB's loop as written costs for the same removals: every candidate runs the whole stack
         "as_written_block_passes": sleb if settings.unit == SearchUnit.block and settings.beam == 1 else None,
         "load_seconds": loaded - start, "search_seconds": time.perf_counter() - loaded,
     }
+
+
+def step_record(problem: Problem, step: Any) -> dict[str, Any]:
+    """A step of search.json; `generation` and `evaluations` only where the method has them (evolve)."""
+    record = {k: v for k, v in vars(step).items() if v is not None or k not in ("generation", "evaluations")}
+    return {**record, "removed": list(step.removed), "plan": problem.plan(step.removed).to_dict()}
+
+
+def evaluation_counts(problem: Problem) -> dict[str, int]:
+    """Candidates scored in this run: computed on the engines, or read back from the store."""
+    parts = [problem.evaluations] + ([problem.screening] if problem.screening else [])
+    return {"computed": sum(p.computed for p in parts), "stored": sum(p.stored for p in parts),
+            **({"screened": problem.screening.count} if problem.screening else {})}

@@ -46,10 +46,22 @@ class CalibrationEngine:
         per_boundary = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
         self.max_boundaries = max(1, cache_bytes // max(per_boundary, 1))
         self.block_passes = 0.0
-        self.reference = LayerPlan.identity(self.num_layers)
+        self.reference: LayerPlan | None = None  # None until the first score: a resumed search may need none
         self.boundaries: dict[int, list[torch.Tensor]] = {}  # slot index of the reference -> its input, per batch
         self.full_last: list[torch.Tensor] = []  # the full model's input to its last block (kl)
-        self.full_scores = self._rebase(self.reference, 0, keep_last=objective == "kl")
+        self._full: torch.Tensor | None = None
+
+    def _start(self) -> None:
+        """The full model's pass (its boundaries, and for kl its last block's input), on first use."""
+        if self.reference is None:
+            self._full = self._rebase(LayerPlan.identity(self.num_layers), 0, keep_last=self.objective == "kl")
+
+    @property
+    def full_scores(self) -> torch.Tensor:
+        """Per-window scores of the full model."""
+        self._start()
+        assert self._full is not None
+        return self._full
 
     @property
     def positions(self) -> int:
@@ -60,6 +72,8 @@ class CalibrationEngine:
 
     def rebase(self, plan: LayerPlan) -> torch.Tensor:
         """Make `plan` the reference; returns its per-window scores."""
+        self._start()
+        assert self.reference is not None
         if plan == self.reference:
             return self.reference_scores
         start = _first_difference(self.reference, plan)
@@ -88,6 +102,8 @@ class CalibrationEngine:
 
     def score(self, plan: LayerPlan) -> torch.Tensor:
         """Per-window objective of `plan`, run from the reference's cached state where they first differ."""
+        self._start()
+        assert self.reference is not None
         start = _first_difference(self.reference, plan)
         start = max((k for k in self.boundaries if k <= start), default=0)
         rest = plan.slots[start:]

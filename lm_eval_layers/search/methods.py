@@ -9,21 +9,24 @@
 - `angular` (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"): remove the
   contiguous run of n blocks whose input and output are closest in angular distance at the last
   token, d(l, n) = E_windows[arccos(cos(h_l, h_{l+n})) / π], the smallest n that meets the budget.
+- `evolve` (EvoPress): mutate a removal set, keep the best (`evolve.py`).
 Every method stops when the budget is met or no unit is left to remove, so each loop is bounded
-by the number of units.
+by the number of units. Candidates are scored through `Evaluations`: each set once, stored.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
+from lm_eval_layers.importance.store import Store
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.search.engine import CalibrationEngine
+from lm_eval_layers.search.evaluations import Evaluations
 from lm_eval_layers.search.units import Unit, plan_without
 
 BOOTSTRAP = 1000  # resamples of the windows for a step's margin interval
@@ -47,11 +50,13 @@ class Budget:
 class Step:
     removed: list[Unit]  # units removed so far, in removal order
     objective: float  # per token
-    runner_up: dict | None  # {"removed": unit, "objective": x}: the best other choice at this step
+    runner_up: dict | None  # {"removed": unit (a set for evolve), "objective": x}: the best other choice at this step
     margin_ci: list[float] | None  # 95% bootstrap interval over windows of runner-up − chosen
     block_passes: float  # cumulative
     seconds: float  # cumulative
     params: int  # kept
+    generation: int | None = None  # evolve: the generation whose best set this is (0: the starting set)
+    evaluations: int | None = None  # evolve: candidates scored so far (screening and full)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,24 @@ class Problem:
     budget: Budget
     model_type: str | None
     seed: int = 0
+    store: Store | None = None  # None: the evaluations are kept in memory, for this problem
+    screen_engine: CalibrationEngine | None = None  # evolve's screening windows (a prefix of the engine's)
+    evaluations: Evaluations = field(init=False)
+    screening: Evaluations | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        store = self.store if self.store is not None else Store(None, {})
+        object.__setattr__(self, "evaluations", Evaluations(self.engine, self.plan, store, "full"))
+        screen = self.screen_engine
+        object.__setattr__(self, "screening", None if screen is None else
+                           Evaluations(screen, self.plan, store, f"screen{screen.windows}"))
+
+    @property
+    def block_passes(self) -> float:
+        """Block passes so far; a pass over the screening windows counts as their share of the windows."""
+        screen = self.screen_engine
+        extra = 0.0 if screen is None else screen.block_passes * screen.windows / self.engine.windows
+        return self.engine.block_passes + extra
 
     def plan(self, removed: list[Unit]) -> LayerPlan:
         return plan_without(self.engine.num_layers, removed, self.model_type)
@@ -81,21 +104,20 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 def greedy(problem: Problem, beam: int = 1, progress: Progress = lambda *a: None) -> list[Step]:
     """Greedy (beam = 1) or beam search; each step keeps the `beam` best distinct removal sets."""
-    engine, start = problem.engine, time.perf_counter()
-    members: list[tuple[list[Unit], torch.Tensor]] = [([], engine.full_scores)]
+    evaluations, start = problem.evaluations, time.perf_counter()
+    members: list[tuple[list[Unit], torch.Tensor]] = [([], evaluations.score([]))]
     steps: list[Step] = []
     while not _done(problem, members[0][0]):
         scored: dict[frozenset, tuple[list[Unit], torch.Tensor]] = {}
         todo = [(removed, u) for removed, _ in members for u in problem.candidates if u not in removed]
         done = 0
         for removed, _ in members:
-            engine.rebase(problem.plan(removed))
             for unit in problem.candidates:
                 if unit in removed:
                     continue
                 key = frozenset([*removed, unit])
                 if key not in scored:
-                    scored[key] = ([*removed, unit], engine.score(problem.plan([*removed, unit])))
+                    scored[key] = ([*removed, unit], evaluations.score([*removed, unit], reference=removed))
                 done += 1
                 progress(f"step {len(steps) + 1}: {len(removed) + 1} removed", done, len(todo))
         if not scored:
@@ -103,7 +125,6 @@ def greedy(problem: Problem, beam: int = 1, progress: Progress = lambda *a: None
         ranked = sorted(scored.values(), key=lambda item: float(item[1].sum()))
         members = ranked[:beam]
         steps.append(_step(problem, ranked, start))
-    engine.rebase(problem.plan(members[0][0]))
     return steps
 
 
@@ -114,14 +135,14 @@ def last(problem: Problem, progress: Progress = lambda *a: None) -> list[Step]:
 
 def ranked(problem: Problem, order: list[Unit], progress: Progress = lambda *a: None) -> list[Step]:
     """Remove units in the given order until the budget is met; each step's plan is scored."""
-    engine, start = problem.engine, time.perf_counter()
+    start = time.perf_counter()
     removed: list[Unit] = []
     steps: list[Step] = []
     for unit in order:
         if _done(problem, removed):
             break
         removed = [*removed, unit]
-        scores = engine.rebase(problem.plan(removed))
+        scores = problem.evaluations.score(removed, reference=removed)
         steps.append(_step(problem, [(removed, scores)], start))
         progress(f"removing in ranked order: {unit}", len(removed), len(order))
     return steps
@@ -160,7 +181,7 @@ def angular(problem: Problem, progress: Progress = lambda *a: None) -> list[Step
             distance = (torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean(-1)
             best = runs[int(distance.argmin())]
             progress("angular distance of contiguous runs", 1, 1)
-            return [_step(problem, [(best, engine.rebase(problem.plan(best)))], start)]
+            return [_step(problem, [(best, problem.evaluations.score(best, reference=best))], start)]
     return []
 
 
@@ -199,10 +220,15 @@ def _step(problem: Problem, ranked: list[tuple[list[Unit], torch.Tensor]], start
     if len(ranked) > 1:
         other, other_scores = ranked[1]
         runner_up = {"removed": other[-1], "objective": problem.per_token(other_scores)}
-        diff = (other_scores - scores).numpy()
-        rng = np.random.default_rng(problem.seed)
-        draws = rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))
-        boot = diff[draws].sum(axis=1) / problem.engine.positions
-        margin = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
-    return Step(list(removed), problem.per_token(scores), runner_up, margin, problem.engine.block_passes,
+        margin = margin_interval(problem, scores, other_scores)
+    return Step(list(removed), problem.per_token(scores), runner_up, margin, problem.block_passes,
                 time.perf_counter() - start, problem.kept(removed))
+
+
+def margin_interval(problem: Problem, scores: torch.Tensor, other: torch.Tensor) -> list[float]:
+    """95% bootstrap interval over windows of the per-token margin other − chosen."""
+    diff = (other - scores).numpy()
+    rng = np.random.default_rng(problem.seed)
+    draws = rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))
+    boot = diff[draws].sum(axis=1) / problem.engine.positions
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]

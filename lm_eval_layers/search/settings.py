@@ -22,7 +22,7 @@ class Objective(str, Enum):
     kl = "kl"
 
 
-METHODS = ("greedy", "beam:B", "last", "bi", "angular", "scores:FILE")
+METHODS = ("greedy", "beam:B", "last", "bi", "angular", "scores:FILE", "evolve")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SearchSettings:
     unit: SearchUnit = option(SearchUnit.block, "--unit", "whole blocks, or attention and MLP branches separately")
     method: str = option("greedy", "--method", "greedy (SLEB), beam:B (the B best sets per step), last (the deepest units), "
                          "bi (ShortGPT's block influence), angular (Gromov et al.'s closest contiguous run) or scores:FILE "
-                         "(a `surgery score` ranking, lowest first)")
+                         "(a `surgery score` ranking, lowest first) or evolve (EvoPress: mutate the removal set, screen on few windows, keep the best)")
     protect: str = option("0,-1", "--protect", "blocks never removed (plan syntax; '' for none)")
     objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, or kl from the full model's next-token distribution")
     calibration: Path | None = calibration_option()
@@ -42,8 +42,13 @@ class SearchSettings:
     seed: int = seed_option()
     batch_size: int = option(4, "--batch-size", "windows per forward pass (logits of one batch exist at a time)")
     dtype: DType = option(DType.float32, "--dtype", "compute dtype (float32 on CPU)")
+    generations: int = option(20, "--generations", "evolve: at most this many generations")
+    offspring: int = option(16, "--offspring", "evolve: children per generation, each one swap from the best set, screened")
+    survivors: int = option(2, "--survivors", "evolve: screened children scored on every calibration window per generation")
+    screen: int = option(4, "--screen", "evolve: calibration windows children are screened on (the first ones)")
     plot: Path | None = option(None, "--plot", "PNG of the objective against units removed")
-    force: bool = option(False, "--force", "replace an existing --out / --plot")
+    resume: bool = option(False, "--resume", "reuse the evaluations stored next to --out (the .sqlite of its name)")
+    force: bool = option(False, "--force", "replace an existing --out / --plot, and start a stored search afresh")
 
     def __post_init__(self) -> None:
         coerce_enums(self)
@@ -57,6 +62,11 @@ class SearchSettings:
         parse_shape(self.tokens)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        for name in ("generations", "offspring", "survivors", "screen"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} {getattr(self, name)}: give at least 1")
+        if self.survivors > self.offspring:
+            raise UsageError(f"--survivors {self.survivors} exceeds --offspring {self.offspring}; survivors are chosen among them")
         if self.dtype == DType.float16:
             import torch
 
@@ -80,7 +90,7 @@ class SearchSettings:
     def beam(self) -> int:
         """The beam width of greedy (1) and beam:B; 0 for the methods that do not search."""
         name, _, arg = self.method.partition(":")
-        if name in ("greedy", "last", "bi", "angular") and not arg:
+        if name in ("greedy", "last", "bi", "angular", "evolve") and not arg:
             if name == "angular" and self.unit == SearchUnit.halves:
                 raise UsageError("--method angular removes a contiguous run of blocks; use --unit block")
             if name == "bi" and self.unit == SearchUnit.halves:
@@ -93,6 +103,11 @@ class SearchSettings:
                 raise UsageError(f"--method {self.method}: no scores file at {arg}; give a scores.json of `surgery score`")
             return 0
         raise UsageError(f"--method {self.method}: use one of {', '.join(METHODS)} (e.g. beam:4)")
+
+    @property
+    def store_path(self) -> Path:
+        """Where every evaluated candidate is kept: beside --out, as .sqlite."""
+        return self.out.with_suffix(".sqlite")
 
     @property
     def method_name(self) -> str:
