@@ -47,6 +47,7 @@ class Layout:
     residual_inside: bool = False  # branches add the residual themselves: branch(x, residual)
     experts: bool = False  # the MLP is a mixture of experts: two blocks' experts do not align
     dense_blocks: str | None = None  # config list of blocks with a dense MLP among MoE ones (Qwen-MoE)
+    conv1d: bool = False  # projections are GPT-2's Conv1D: weights stored [in, out], not nn.Linear's [out, in]
 
     @property
     def count_keys(self) -> tuple[str, ...]:
@@ -123,7 +124,7 @@ MIXTRAL = Layout(  # hub checkpoints name the MLP block_sparse_moe and the exper
     "model.layers", "self_attn", "mlp", "self_attn.o_proj",
     ("mlp.experts.down_proj", "block_sparse_moe.experts.*.w2"), experts=True,
 )
-GPT2 = Layout("transformer.h", "attn", "mlp", "attn.c_proj", ("mlp.c_proj",), layer_count="n_layer")
+GPT2 = Layout("transformer.h", "attn", "mlp", "attn.c_proj", ("mlp.c_proj",), layer_count="n_layer", conv1d=True)
 GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", "attention.dense", ("mlp.dense_4h_to_h",))
 FALCON = Layout("transformer.h", "self_attention", "mlp", "self_attention.dense", ("mlp.dense_4h_to_h",))
 BLOOM = Layout(
@@ -150,6 +151,26 @@ ARCHITECTURES: dict[str, Layout] = {
     "opt": OPT,
 }
 _KNOWN_LAYOUTS = tuple(dict.fromkeys(ARCHITECTURES.values()))
+
+
+# Submodules that normalise the MLP branch's output before it joins the residual stream (Gemma 2/3,
+# OLMo 2): a map fitted on the residual stream cannot be folded into the branch's weights there.
+MLP_OUTPUT_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_norm")
+
+
+def fold_problem(layout: Layout, block: nn.Module, config: Any) -> str | None:
+    """Why a map on the MLP branch's output cannot be folded into this family's down projection
+    (None when it can: the branch's output is added to the residual unnormalised, through one
+    projection)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in block.named_modules()}
+    norm = next((n for n in MLP_OUTPUT_NORMS if n in names), None)
+    if norm:
+        return f"its blocks normalise the MLP output ({norm}) before the residual"
+    if layout.experts:
+        return "its MLP is a mixture of experts (every expert's projection would need the map)"
+    if getattr(text_config(config), "do_layer_norm_before", True) is False:
+        return "its blocks normalise after the residual (do_layer_norm_before=false)"
+    return None
 
 
 def text_config(config: Any) -> Any:

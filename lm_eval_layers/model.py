@@ -94,10 +94,22 @@ class LayeredLM(HFLM):
             self.variant.restore()
             self.variant = None
         if not plan.is_identity:
-            self.variant = apply_plan(_base_model(self._model), plan)
+            base = _base_model(self._model)
+            self.variant = apply_plan(base, plan, self._repaired_tensors(base, plan))
         self.plan = plan
         self._use_cache_table()
         return plan
+
+    def _repaired_tensors(self, base: Any, plan: LayerPlan) -> dict[int, dict[str, torch.Tensor]] | None:
+        """A repaired plan's folded projections: fitted on the unpruned model (once per model,
+        settings and plan: the fit is cached on disk), then owned by the variant."""
+        if plan.repair is None:
+            return None
+        from lm_eval_layers.repair.fit import fit_repair
+
+        with _one_line_under_lm_eval_cli():
+            fit = fit_repair(base, self.tokenizer, plan, identity=self._settings)
+        return fit.tensors(base, plan)
 
     def set_cache_hook(self, cache_hook: Any) -> None:
         """lm-eval's `--use_cache` (`CachingLM`) keys each answer by the request alone, never by

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from lm_eval_layers.errors import PlanError
+from lm_eval_layers.repair.spec import Repair, parse_repair, repair_runs
 from lm_eval_layers.scores_file import Scores
 
 INITS = ("copy", "avg", "copy-zero", "avg-zero")
@@ -64,10 +65,12 @@ class Insert:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """A validated plan for a model of `num_layers` blocks: the ordered slots of the variant."""
+    """A validated plan for a model of `num_layers` blocks: the ordered slots of the variant, and
+    the fitted-map repair of its dropped runs, if asked for (`lm_eval_layers.repair`)."""
 
     num_layers: int
     slots: tuple[Slot, ...]
+    repair: Repair | None = None
 
     @classmethod
     def identity(cls, num_layers: int) -> LayerPlan:
@@ -102,18 +105,26 @@ class LayerPlan:
                 by_init.setdefault(slot.init or "", []).append(slot.source)
         for init, after in by_init.items():
             parts.append(f"insert {init} after {','.join(map(str, after))}")
+        if self.repair is not None:
+            parts.append(self.repair.describe())
         body = "; ".join(parts) if parts else "unchanged"
         return f"{self.num_layers} -> {len(self.slots)} blocks: {body}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_layers": self.num_layers, "slots": [asdict(s) for s in self.slots]}
+        """The plan as JSON; `repair` appears only when set, so an unrepaired plan's record (and
+        every cache key made from it) is what it always was."""
+        out: dict[str, Any] = {"num_layers": self.num_layers, "slots": [asdict(s) for s in self.slots]}
+        if self.repair is not None:
+            out["repair"] = self.repair.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
         slots = tuple(
             Slot(**{**s, "sources": tuple(s["sources"])}) for s in data["slots"]
         )
-        return cls(int(data["num_layers"]), slots)
+        repair = Repair.from_dict(data["repair"]) if data.get("repair") else None
+        return cls(int(data["num_layers"]), slots, repair)
 
 
 def format_indices(indices: Iterable[int]) -> str:
@@ -239,8 +250,10 @@ class PlanSpec:
     preset: str | None = None
     lowest: tuple[Scores, int] | None = None  # a scores file and K, checked against the model in resolve()
     fixed: tuple[LayerPlan, str | None] | None = None  # from a plan file: the plan and its model_type
+    repair: Repair | None = None  # a fitted-map repair of the dropped runs (replaces a plan file's own)
 
-    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest", "plan")
+    ARGS = ("drop", "keep", "drop_attn", "drop_mlp", "insert", "preset", "scores", "drop_lowest", "plan",
+            "repair", "ridge", "calibration", "tokens")
 
     @classmethod
     def from_args(
@@ -254,13 +267,19 @@ class PlanSpec:
         scores: Any = None,
         drop_lowest: Any = None,
         plan: Any = None,
+        repair: Any = None,
+        ridge: Any = None,
+        calibration: Any = None,
+        tokens: Any = None,
+        seed: Any = None,
     ) -> PlanSpec:
+        fitted = parse_repair(repair, ridge, calibration, tokens, seed)
         if plan is not None:
             others = [k for k, v in (("drop", drop), ("keep", keep), ("drop_attn", drop_attn), ("drop_mlp", drop_mlp),
                                      ("insert", insert), ("preset", preset), ("scores", scores)) if v is not None]
             if others:
                 raise PlanError(f"plan= is a whole plan; it does not combine with {', '.join(others)}: give one or the other")
-            return cls(fixed=read_plan_file(plan))
+            return cls(fixed=read_plan_file(plan), repair=fitted)
         if drop is not None and keep is not None:
             raise PlanError("drop and keep are exclusive: give the blocks to remove (drop=) or the ones to keep (keep=), not both")
         return cls(
@@ -271,6 +290,7 @@ class PlanSpec:
             insert=_parse_inserts(insert),
             preset=_parse_preset(preset),
             lowest=_lowest_units(scores, drop_lowest),
+            repair=fitted,
         )
 
     @property
@@ -282,6 +302,15 @@ class PlanSpec:
 
     def resolve(self, num_layers: int, model_type: str | None = None) -> LayerPlan:
         """Check the plan against a model with `num_layers` blocks and build its slots."""
+        plan = self._slots(num_layers, model_type)
+        if self.repair is not None:
+            plan = LayerPlan(plan.num_layers, plan.slots, self.repair)
+        elif plan.repair is not None:
+            plan.repair.check_text()
+        repair_runs(plan)  # what a repair cannot fold is refused here, before any weight is read
+        return plan
+
+    def _slots(self, num_layers: int, model_type: str | None) -> LayerPlan:
         n = num_layers
         if self.fixed is not None:
             plan, planned_type = self.fixed

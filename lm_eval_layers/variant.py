@@ -2,7 +2,8 @@
 
 Every slot gets its own module object (so each attention has its own `layer_idx` and KV-cache
 entry), but original blocks share the original parameters and buffers: applying a plan copies
-no weights. Only synthesised `avg` blocks and zeroed output projections own new tensors.
+no weights. Only synthesised `avg` blocks, zeroed output projections and a repair's folded down
+projections (`tensors`, from `lm_eval_layers.repair`) own new tensors.
 The original `nn.ModuleList` and config values are kept and put back by `Variant.restore()`.
 """
 
@@ -108,10 +109,15 @@ def _in_memory(block: nn.Module, device: torch.device) -> None:
     add_hook_to_module(block, AlignDevicesHook(execution_device=device))
 
 
-def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int) -> nn.Module:
-    """The module for one slot: a structural clone of its source, with shared or new tensors."""
+def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int,
+               own: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The module for one slot: a structural clone of its source, with shared or new tensors
+    (`own`: tensors by name in the block that this slot holds instead of its source's)."""
     source = blocks[slot.source]
     replace: dict[int, Any] = {}
+    for name, param in source.named_parameters():
+        if own and name in own:
+            replace[id(param)] = nn.Parameter(own[name], requires_grad=False)
     offloaded: dict[int, torch.Tensor] = {}
     if slot.synthesized:
         for j in slot.sources:  # weights accelerate offloaded (parallelize=True) are read back
@@ -137,13 +143,19 @@ def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int) -> n
 
 
 class Variant:
-    """A plan applied to a model in place; `restore()` brings back the original exactly."""
+    """A plan applied to a model in place; `restore()` brings back the original exactly.
 
-    def __init__(self, model: nn.Module, plan: LayerPlan) -> None:
+    `tensors` (slot -> tensor name in the block -> tensor) are tensors the variant owns in place
+    of its source block's: a repaired plan's folded projections (`lm_eval_layers.repair`)."""
+
+    def __init__(self, model: nn.Module, plan: LayerPlan, tensors: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
         self.model = model
         self.plan = plan
         self.layout = layout_for(model)
         self.layout.check(plan)
+        if plan.repair is not None and tensors is None:
+            raise PlanError("a repaired plan needs its fitted tensors: fit them with lm_eval_layers.repair.fit.fit_repair "
+                            "and pass fit.tensors(model, plan)")
         parent, name = self.layout.parent_and_name(model)
         self._parent, self._name = parent, name
         self.original_blocks: nn.ModuleList = getattr(parent, name)
@@ -159,7 +171,7 @@ class Variant:
         updates = layer_config_updates(self.layout, plan, values)
         self._saved_config = {key: getattr(self._config, key, None) for key in updates}
         blocks = nn.ModuleList(
-            build_slot(self.layout, self.original_blocks, slot, idx) for idx, slot in enumerate(plan.slots)
+            build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx)) for idx, slot in enumerate(plan.slots)
         )
         blocks._lm_eval_layers_variant = True
         setattr(parent, name, blocks)
@@ -180,6 +192,6 @@ class Variant:
         self.restore()
 
 
-def apply_plan(model: nn.Module, plan: LayerPlan) -> Variant:
+def apply_plan(model: nn.Module, plan: LayerPlan, tensors: dict[int, dict[str, torch.Tensor]] | None = None) -> Variant:
     """Turn `model` into the plan's variant, in place; undo with `.restore()` or a `with` block."""
-    return Variant(model, plan)
+    return Variant(model, plan, tensors)

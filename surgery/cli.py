@@ -51,6 +51,7 @@ def _write(command_name: str, settings: WriteSettings) -> None:
 
             source = open_model(settings.model)
             plan = spec.resolve(num_layers(source.config), source.config.get("model_type"))
+        fit = _fit(source, plan, settings) if plan.repair is not None else None
         from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
         columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -60,11 +61,28 @@ def _write(command_name: str, settings: WriteSettings) -> None:
             written = write_variant(source, plan, settings.out, command=command_name,
                                     dtype=settings.dtype.torch if settings.dtype else None,
                                     max_shard_size=settings.shard_bytes, force=settings.force, verify=settings.verify,
-                                    progress=lambda done, total: bars.update(bar, completed=done, total=total))
+                                    progress=lambda done, total: bars.update(bar, completed=done, total=total), repair=fit)
+    for run in fit.report if fit else []:
+        console.print(f"repair: blocks {run['blocks'][0]}-{run['blocks'][1]} -> map folded into block {run['folded_into']}, "
+                      f"{run['tokens']:,} tokens, calibration residual {run['residual_vs_drop']:.1%} of plain dropping's"
+                      + (" (cached fit)" if fit.cached else f", {run['seconds']:.1f} s"))
     if written.max_logit_diff is not None:
         console.print(f"verified: max |Δ logit| = {written.max_logit_diff:.3g} against the in-memory variant")
     console.print(f"wrote {written.out}: {plan.describe()}; {len(written.files)} file(s), "
                   f"{written.bytes / 1e6:.1f} MB in {written.seconds:.1f} s")
+
+
+def _fit(source, plan, settings: WriteSettings):
+    """The repair's maps, fitted on the source model with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+
+    from lm_eval_layers.repair.fit import fit_source
+
+    with Bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+              transient=True) as bars:
+        bar = bars.add_task("loading the model to fit the repair", total=None)
+        return fit_source(source, plan, settings.dtype.torch if settings.dtype else None,
+                          progress=lambda text, done, total: bars.update(bar, description=text, completed=done, total=total))
 
 
 @app.command()

@@ -8,9 +8,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm_eval_layers.calibration import calibration_option, seed_option, tokens_option
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.precision import DType
+from lm_eval_layers.repair.spec import DEFAULT_TOKENS, RepairMethod
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -59,15 +61,26 @@ class PruneSettings(WriteSettings):
     scores: Path | None = option(None, "--scores", "scores.json of `surgery score` on this model")
     drop_lowest: int | None = option(None, "--drop-lowest", "with --scores: remove the K lowest-valued units")
     plan: Path | None = option(None, "--plan", "a whole plan: search.json of `surgery search` or a written folder's layer_plan.json")
+    repair: RepairMethod | None = option(None, "--repair", "replace each dropped run by a linear map fitted on calibration "
+                                         "text, folded into the block before it (training-free; lstsq or cosine)")
+    ridge: float = option(0.0, "--ridge", "with --repair: shrink the map towards plain dropping (0: none; scale-free)")
+    calibration: Path | None = calibration_option()
+    tokens: str = tokens_option(DEFAULT_TOKENS)
+    seed: int = seed_option()
 
     def spec(self) -> PlanSpec:
         from lm_eval_layers.scores_file import read_scores
 
         if all(v is None for v in (self.drop, self.keep, self.drop_attn, self.drop_mlp, self.scores, self.plan)):
             raise UsageError("prune needs --drop, --keep, --drop-attn, --drop-mlp, --plan or --scores with --drop-lowest")
+        fit_options = self.ridge != 0.0 or self.calibration is not None or self.tokens != DEFAULT_TOKENS or self.seed != 0
+        if self.repair is None and fit_options:
+            raise UsageError("--ridge, --calibration, --tokens and --seed set a repair's fit; add --repair lstsq or leave them out")
+        repair = {"repair": self.repair.value, "ridge": self.ridge, "calibration": self.calibration, "tokens": self.tokens,
+                  "seed": self.seed} if self.repair else {}
         return PlanSpec.from_args(drop=self.drop, keep=self.keep, drop_attn=self.drop_attn, drop_mlp=self.drop_mlp,
                                   scores=read_scores(self.scores) if self.scores else None, drop_lowest=self.drop_lowest,
-                                  plan=self.plan)
+                                  plan=self.plan, **repair)
 
 
 @dataclass(frozen=True)

@@ -221,3 +221,15 @@ def is_weight_file(path: Path) -> bool:
 def free_bytes(folder: Path) -> int:
     stat = os.statvfs(folder)
     return stat.f_bavail * stat.f_frsize
+
+
+def load_tokenizer(source: Source) -> Any:
+    """The input's tokenizer (a GGUF file's embedded one), or one line saying it has none."""
+    import transformers
+
+    try:
+        if source.folder is not None:
+            return transformers.AutoTokenizer.from_pretrained(str(source.folder))
+        return transformers.AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)  # type: ignore[attr-defined]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{source.name} has no usable tokenizer ({str(e).splitlines()[0][:120]}); add its tokenizer files") from None

@@ -20,17 +20,27 @@ def _load(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
 
 
-def verify(written: Path, source: Source, plan: LayerPlan, dtype: torch.dtype, exact: bool) -> float:
-    """Max |Δ logit| on a short prompt; raises unless identical (`exact`, no dtype conversion)
-    or within rounding of the new dtype."""
+def load_source(source: Source, dtype: torch.dtype):
+    """The source as a transformers model in inference mode (a GGUF file dequantised)."""
     if isinstance(source, GGUFFile):
-        reference = _load(source.path.parent, dtype, source.path.name)
-    else:
-        assert source.folder is not None
-        reference = _load(source.folder, dtype)
+        return _load(source.path.parent, dtype, source.path.name)
+    assert source.folder is not None
+    return _load(source.folder, dtype)
+
+
+def verify(written: Path, source: Source, plan: LayerPlan, dtype: torch.dtype, exact: bool,
+           transforms: dict[int, torch.Tensor] | None = None) -> float:
+    """Max |Δ logit| on a short prompt; raises unless identical (`exact`, no dtype conversion)
+    or within rounding of the new dtype. A repaired plan's variant folds the same `transforms`."""
+    from lm_eval_layers.arch import layout_for
+    from lm_eval_layers.repair.fold import folded_tensors
+
+    reference = load_source(source, dtype)
     vocab = reference.get_input_embeddings().weight.shape[0]
     ids = (torch.arange(7, 7 + 24 * 37, 37) % vocab).unsqueeze(0)
-    with torch.no_grad(), apply_plan(reference, plan):
+    layout = layout_for(reference)
+    tensors = folded_tensors(layout.find_blocks(reference), layout, plan, transforms) if transforms else None
+    with torch.no_grad(), apply_plan(reference, plan, tensors):
         expected = reference(ids).logits.float()
     del reference
     with torch.no_grad():

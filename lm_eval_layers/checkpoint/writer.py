@@ -2,7 +2,8 @@
 
 The output is planned first (every tensor's name, dtype, shape and recipe), then executed one
 tensor at a time: kept tensors are copied as raw bytes where the dtype does not change,
-synthesised ones (`avg`, zeroed projections) are computed from their sources. Peak memory is
+synthesised ones (`avg`, zeroed projections, a repair's folded down projections) are computed
+from their sources. Peak memory is
 one or two tensors, whatever the model's size. Everything is written into a temporary sibling
 folder that is renamed to `--out` only when complete, so a failure or Ctrl-C leaves nothing.
 """
@@ -16,9 +17,9 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -33,6 +34,9 @@ from lm_eval_layers.outputs import check_folder, swap_into_place
 from lm_eval_layers.checkpoint.safetensors_io import copy_bytes, write_header, write_tensor
 from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model, source_layout
 
+if TYPE_CHECKING:
+    from lm_eval_layers.repair.fit import Fit
+
 @dataclass(frozen=True)
 class OutTensor:
     """One tensor of the output and how to make it."""
@@ -43,6 +47,7 @@ class OutTensor:
     slot: Slot | None = None  # None: outside the block stack (embeddings, final norm, head)
     rel: str = ""  # name relative to its block
     copy_of: str | None = None  # set when the tensor is an unchanged source tensor
+    transform: torch.Tensor | None = field(default=None, compare=False, repr=False)  # a repair's map, folded in
 
 
 def block_prefix(names: list[str], layout: Layout) -> str:
@@ -55,8 +60,15 @@ def block_prefix(names: list[str], layout: Layout) -> str:
     raise UsageError(f"no block tensors named {layout.blocks}.N.* in the checkpoint; is it a {layout.blocks} model?")
 
 
-def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> list[OutTensor]:
-    """Every output tensor, in order, with its recipe; checks that the plan can be built."""
+def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None,
+                 transforms: dict[int, torch.Tensor] | None = None) -> list[OutTensor]:
+    """Every output tensor, in order, with its recipe; checks that the plan can be built.
+    `transforms`: a repair's fitted maps, by the original block whose down projection takes one."""
+    from lm_eval_layers.repair.fold import folded_names
+
+    if (plan.repair is None) != (transforms is None):
+        raise ValueError("a repaired plan is written with its fitted maps (and only a repaired plan)")
+    folded = folded_names(layout) if transforms else ()
     layout.check(plan)
     names = list(source.infos)
     prefix = block_prefix(names, layout)
@@ -92,8 +104,9 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
                 )
         for rel, name in own.items():
             srcs = tuple(blocks[j][rel] for j in slot.sources)
-            plain = len(srcs) == 1 and not is_zeroed(layout, slot, rel)
-            out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None))
+            transform = transforms.get(slot.source) if transforms and rel in folded else None
+            plain = len(srcs) == 1 and not is_zeroed(layout, slot, rel) and transform is None
+            out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None, transform))
     out += [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_after]
     return out
 
@@ -101,6 +114,10 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
 def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
     if t.copy_of is not None:
         tensor = source.tensor(t.copy_of)
+    elif t.transform is not None:
+        from lm_eval_layers.repair.fold import fold
+
+        return fold(source.tensor(t.sources[0]).to(t.info.dtype), t.transform, t.rel, layout)
     else:
         assert t.slot is not None
         tensor = synthesize(layout, t.slot, t.rel, [source.tensor(n) for n in t.sources])
@@ -184,13 +201,15 @@ def copy_side_files(folder: Path, source: Source) -> None:
 
 
 def write_metadata(folder: Path, title: str, source: Source, plan: LayerPlan, layout: Layout, command: str,
-                   dtype: torch.dtype | None) -> None:
+                   dtype: torch.dtype | None, repair_fit: list[dict] | None = None) -> None:
     """The plan file, the model card, and (for expansions) the parameters to train."""
     record = {
         "tool": "lm-eval-layers", "version": __version__, "command": command, "base_model": source.name,
         "description": plan.describe(), "dtype": str(dtype).removeprefix("torch.") if dtype else "unchanged",
         "plan": plan.to_dict(),
     }
+    if repair_fit is not None:
+        record["repair_fit"] = repair_fit  # per dropped run: the block folded into, tokens, residual vs plain drop
     (folder / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     new = plan.new_slots
     if new:
@@ -222,12 +241,25 @@ The same variant is evaluated in memory, without writing a checkpoint, by
 `AutoModelForCausalLM.from_pretrained` and `lm_eval --model hf` unchanged. Removed attention or
 MLP branches are stored as zeroed output projections, which compute the same values.
 {"New blocks (to train in LLaMA-Pro / Llama SLayer recipes) are listed in `" + NEW_PARAMS_FILE + "`." if new else ""}
+{_repair_note(plan, repair_fit)}
 
 | position | block (original index or recipe) |
 |---|---|
 {rows}
 """
     (folder / "README.md").write_text(card)
+
+
+def _repair_note(plan: LayerPlan, fit: list[dict] | None) -> str:
+    """The model card's account of a repair: what was fitted where, on which text."""
+    if plan.repair is None or not fit:
+        return ""
+    r = plan.repair
+    runs = "; ".join(f"blocks {f['blocks'][0]}-{f['blocks'][1]} -> a map folded into block {f['folded_into']}'s down "
+                     f"projection (calibration residual {f['residual_vs_drop']:.1%} of plain dropping's)" for f in fit)
+    return (f"**Repair** (training-free, ReplaceMe-style, {r.method.value}): {runs}. Fitted on {r.windows}×{r.tokens} "
+            f"tokens of `{Path(r.calibration).name}` (sha256 {r.sha256[:12]}…). The folded tensors are ordinary "
+            "weights: the checkpoint has no new parameters.")
 
 
 def new_parameter_names(source: Source, plan: LayerPlan, layout: Layout) -> list[str]:
@@ -295,15 +327,17 @@ class Written:
 def write_variant(
     source: Source, plan: LayerPlan, out: Path, *, command: str = "prune", dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9, force: bool = False, verify: bool = False, metadata: bool = True,
-    progress: Callable[[int, int], None] = lambda done, total: None,
+    progress: Callable[[int, int], None] = lambda done, total: None, repair: "Fit | None" = None,
 ) -> Written:
     """Write `plan`'s variant of `source` to the folder `out`: weights (streamed, sharded),
     config, tokenizer and side files, and (`metadata`) the plan file and model card. Everything
     is checked before the first byte is written; `verify` compares the result with the
-    in-memory variant before it is put in place. `progress(bytes_done, bytes_total)`."""
+    in-memory variant before it is put in place. `progress(bytes_done, bytes_total)`. A repaired
+    plan is written with its `repair` (`lm_eval_layers.repair.fit.fit_repair`)."""
     start = time.perf_counter()
     layout = source_layout(source)
-    tensors = plan_tensors(source, plan, layout, dtype)
+    transforms = repair.transforms if repair is not None else None
+    tensors = plan_tensors(source, plan, layout, dtype, transforms)
     total = sum(t.info.nbytes for t in tensors)
     diff = None
     with atomic_output(out, source, force, total) as tmp:
@@ -318,11 +352,11 @@ def write_variant(
         write_config(tmp, source, plan, layout, dtype)
         copy_side_files(tmp, source)
         if metadata:
-            write_metadata(tmp, Path(out).name, source, plan, layout, command, dtype)
+            write_metadata(tmp, Path(out).name, source, plan, layout, command, dtype, repair.report if repair else None)
         if verify:
             from lm_eval_layers.checkpoint.verify import verify as verify_folder
 
             out_dtype = dtype or tensors[0].info.dtype
             exact = all(t.info.dtype == source.infos[t.sources[0]].dtype for t in tensors)
-            diff = verify_folder(tmp, source, plan, out_dtype, exact)
+            diff = verify_folder(tmp, source, plan, out_dtype, exact, transforms)
     return Written(Path(out).expanduser().resolve(), plan, files, total, time.perf_counter() - start, diff)

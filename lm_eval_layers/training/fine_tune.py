@@ -22,7 +22,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from lm_eval_layers.arch import layout_for, num_layers
 from lm_eval_layers.checkpoint import PLAN_FILE
-from lm_eval_layers.checkpoint.sources import Source, open_model
+from lm_eval_layers.checkpoint.sources import Source, load_tokenizer, open_model
 from lm_eval_layers.checkpoint.writer import base_model
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import LayerPlan
@@ -31,7 +31,7 @@ from lm_eval_layers.training import report
 from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable, with_head
 from lm_eval_layers.training.train_settings import TrainSettings
 from lm_eval_layers.training.trainer import (
-    OptimizerHoldsSelection, ProgressBar, float32_masters, load_tokenizer, loss_curve, plain_folder, training_arguments,
+    OptimizerHoldsSelection, ProgressBar, float32_masters, loss_curve, plain_folder, training_arguments,
 )
 from lm_eval_layers.training.work import Work
 

@@ -24,7 +24,8 @@ from lm_eval_layers.training import ila_report
 from lm_eval_layers.training.ila import learn_gates
 from lm_eval_layers.training.ila_file import records_digest
 from lm_eval_layers.training.ila_settings import ILASettings
-from lm_eval_layers.training.trainer import load_tokenizer, plain_folder
+from lm_eval_layers.checkpoint.sources import load_tokenizer
+from lm_eval_layers.training.trainer import plain_folder
 
 
 def check_outputs(settings: ILASettings) -> None:

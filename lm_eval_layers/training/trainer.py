@@ -26,7 +26,6 @@ from transformers import TrainerCallback
 from lm_eval_layers.arch import num_layers
 from lm_eval_layers.checkpoint.sources import Source
 from lm_eval_layers.checkpoint.writer import write_variant
-from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.precision import DType
 
@@ -127,16 +126,6 @@ def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Trainer's per-step log entries reduced to step, loss, learning rate and tokens seen."""
     keys = ("step", "loss", "learning_rate", "grad_norm", "num_input_tokens_seen")
     return [{k: e[k] for k in keys if k in e} for e in log_history if "loss" in e]
-
-
-def load_tokenizer(source: Source) -> Any:
-    """The input's tokenizer (a GGUF file's embedded one), or one line saying it has none."""
-    try:
-        if source.folder is not None:
-            return transformers.AutoTokenizer.from_pretrained(str(source.folder))
-        return transformers.AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)  # type: ignore[attr-defined]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{source.name} has no usable tokenizer ({str(e).splitlines()[0][:120]}); add its tokenizer files") from None
 
 
 def plain_folder(source: Source, dest: Path) -> Path:
