@@ -242,3 +242,10 @@ def test_written_repair_equals_the_plugin_and_loads_in_transformers(tmp_path, mo
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_refuses_a_repair_it_would_not_measure():
+    from lm_eval_layers.cost.settings import plan_from_text
+
+    with pytest.raises(LayersError, match="does not change a variant's cost"):
+        plan_from_text("drop=20-23,repair=lstsq")

@@ -32,6 +32,9 @@ def plan_from_text(text: str) -> PlanSpec:
     for part in text.split(",") if text.strip() else []:
         key, sep, value = part.partition("=")
         key = key.strip()
+        if sep and key in ("repair", "ridge", "calibration", "tokens"):
+            raise UsageError(f"plan {text!r}: a repair does not change a variant's cost (same tensors, same shapes); bench "
+                             "the plan without it and evaluate the repaired model with lm_eval --model layered")
         if sep and key in PlanSpec.ARGS:
             if key in args:
                 raise UsageError(f"plan {text!r} gives {key} twice; give each argument once")

@@ -16,7 +16,7 @@ from typing import Any
 from lm_eval_layers.errors import PlanError
 
 DEFAULT_TOKENS = "128x256"  # from the measured curve in benchmarks/README.md (repair section)
-SAFE_TOKENS_PER_DIM = 32  # below this many calibration tokens per hidden dimension the fit overfits there
+SAFE_TOKENS_PER_DIM = 8  # fewer calibration tokens per hidden dimension than this: the fit may be worse than plain dropping (benchmarks/README.md)
 
 
 class RepairMethod(str, Enum):
