@@ -77,7 +77,7 @@ def main() -> None:
             sums = F._Sums(model.config.hidden_size, keep=False)
             start = time.perf_counter()
             for batch in windows.split(8):
-                sums.add(*F._activations(model, plan, {}, a, b, first=True, ids=batch))
+                sums.add(*F._activations(model, plan, None, a, b, ids=batch))
             accumulate = time.perf_counter() - start
             for ridge in args.ridges:
                 tic = time.perf_counter()

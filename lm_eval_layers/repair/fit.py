@@ -103,9 +103,11 @@ def fit_repair(model: nn.Module, tokenizer: Any, plan: LayerPlan, identity: dict
     for r, (a, b) in enumerate(runs):
         start = time.perf_counter()
         sums = _Sums(hidden, keep=repair.method is RepairMethod.cosine)
+        layout = layout_for(model)
+        earlier = folded_tensors(layout.find_blocks(model), layout, plan, transforms) if r else None
         for i, ids in enumerate(batches):
             progress(f"fitting the map for blocks {a}-{b}", i, len(batches))
-            x, m, y = _activations(model, plan, transforms, a, b, first=r == 0, ids=ids)
+            x, m, y = _activations(model, plan, earlier, a, b, ids=ids)
             sums.add(x, m, y)
         t = sums.solve(repair.ridge)
         if repair.method is RepairMethod.cosine:
@@ -151,10 +153,12 @@ def _run(model: nn.Module, ids: torch.Tensor, pairs: list[tuple[nn.Module, str]]
     return out
 
 
-def _activations(model: nn.Module, plan: LayerPlan, transforms: dict[int, torch.Tensor], a: int, b: int, first: bool,
+def _activations(model: nn.Module, plan: LayerPlan, earlier: dict[int, dict[str, torch.Tensor]] | None, a: int, b: int,
                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X, M (block a−1 of the variant repaired so far) and Y (block b of the unpruned model) for one
-    batch; for the first run the variant's prefix is the unpruned model's, so one pass gives all three."""
+    """X, M (block a−1 of the variant with the `earlier` runs' folded tensors) and Y (block b of the
+    unpruned model) for one batch; for the first run (`earlier` None) the variant's prefix is the
+    unpruned model's, so one pass gives all three."""
+    first = earlier is None
     layout = layout_for(model)
     blocks = layout.find_blocks(model)
     taps = [(blocks[b], "y")]
@@ -163,7 +167,7 @@ def _activations(model: nn.Module, plan: LayerPlan, transforms: dict[int, torch.
     out = _run(model, ids, taps, blocks[b])
     if not first:
         slot = next(k for k, s in enumerate(plan.slots) if s.source == a - 1)
-        with apply_plan(model, plan, folded_tensors(blocks, layout, plan, transforms)) as variant:
+        with apply_plan(model, plan, earlier) as variant:
             block = variant.blocks[slot]
             out.update(_run(model, ids, [(block, "x"), (block.get_submodule(projection(layout)), "m")], block))
     return out["x"], out["m"], out["y"]
