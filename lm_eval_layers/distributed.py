@@ -1,4 +1,5 @@
-"""Coalition evaluations split across processes started by `torchrun` or `accelerate launch`.
+"""Coalition evaluations (and a search's candidates, `search/evaluations.py`) split across
+processes started by `torchrun` or `accelerate launch`.
 
 Every estimator chooses its coalitions without looking at their values, so the whole list is
 known before the first evaluation (with `--tol`, the list of each stop-rule round; rank 0's
@@ -43,6 +44,14 @@ def current() -> tuple[int, int]:
 def device() -> str:
     """This process's device: its own GPU under a launcher (LOCAL_RANK), else the CPU."""
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def one_replica(lm: Any) -> None:
+    """Every process holds a whole replica and evaluates coalitions of its own, so lm-eval must
+    not split one variant's requests across processes. Under a launcher lm-eval 0.4.13's HFLM
+    takes rank and world size from accelerate, and offers no public way to set them (`rank` and
+    `world_size` are read-only properties): its private fields are set here, and only here."""
+    lm._rank, lm._world_size = 0, 1
 
 
 def broadcast(value: Any, world: int) -> Any:

@@ -13,11 +13,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from lm_eval_layers.errors import TaskError
+from lm_eval_layers.settings import option
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 _PACKAGE = Path(__file__).resolve().parent
+
+
+def tasks_option(default: str | None, purpose: str = "") -> Any:
+    """The `--tasks` field of a command's settings (declared here once; each command names its
+    default and what the tasks are for)."""
+    return option(default, "--tasks", "comma-separated lm-eval tasks (the shipped *_local tasks are always found)"
+                  + (f"; {purpose}" if purpose else ""))
+
+
+def limit_option() -> Any:
+    """The `--limit` field: documents per task, the same default everywhere."""
+    return option(100, "--limit", "documents per task")
+
+
+def include_path_option() -> Any:
+    """The `--include-path` field: a user's own task YAMLs."""
+    return option(None, "--include-path", "a folder of extra task YAMLs")
+
+
+def task_names(tasks: str | None) -> list[str]:
+    """`--tasks a,b` as a list of names (empty when not given)."""
+    return [t.strip() for t in (tasks or "").split(",") if t.strip()]
 
 
 def tasks_dir() -> Path:

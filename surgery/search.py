@@ -25,6 +25,8 @@ def search(settings: SearchSettings) -> None:
         with Bars("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bars:
             bar = bars.add_task("loading the model", total=None)
             doc = find_plan(settings, lambda what, done, total: bars.update(bar, description=what, completed=done, total=total))
+        if doc is None:  # another process of a torchrun search: rank 0 writes and reports
+            return
         write_json(settings.out, doc)
         if settings.plot:
             draw(doc, settings.plot)
@@ -39,7 +41,7 @@ def search(settings: SearchSettings) -> None:
 def table(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{doc['method']} search of {doc['model']} ({doc['unit']} units, {doc['objective']} per token; "
+    t = Table(title=f"{doc['method']} search of {doc['model']} ({doc['unit']} units; {doc['minimised']}: "
                     f"full model {doc['full_objective']:.4f})")
     evolve = any("generation" in s for s in doc["steps"])  # a step per generation: its best set
     for col in ("generation" if evolve else "step", "removed", doc["objective"], "runner-up", "margin 95% CI",
@@ -74,7 +76,8 @@ def draw(doc: dict[str, Any], path: Path) -> None:
         for x, y, s in zip(xs[1:], ys[1:], doc["steps"]):
             ax.annotate(str(s["removed"][-1]), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         ax.set_xlabel(f"{doc['unit']} units removed")
-    ax.set_ylabel(f"{doc['objective']} per token (calibration)")
+    ax.set_ylabel(doc["minimised"].split(",")[0] if doc["objective"] in ("acc", "acc_norm", "loglik")
+                  else f"{doc['objective']} per token (calibration)")
     ax.set_title(f"{doc['model']}: {doc['method']} search", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

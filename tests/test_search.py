@@ -147,6 +147,10 @@ BAD = [
     (["--remove", "1", "--method", "evolve:3"], "--method evolve:3: use one of"),
     (["--remove", "1", "--method", "evolve", "--generations", "0"], "--generations 0: give at least 1"),
     (["--remove", "1", "--method", "evolve", "--survivors", "20"], "--survivors 20 exceeds --offspring 16"),
+    (["--remove", "1", "--objective", "acc", "--tasks", "arc_easy_locl"], "is not known"),
+    (["--remove", "1", "--tasks", "arc_easy_local"], "are for a task objective"),
+    (["--remove", "1", "--objective", "acc", "--limit", "0"], "give at least 1 document"),
+    (["--remove", "1", "--objective", "acc", "--tasks", ","], "--tasks is empty"),
 ]
 
 
@@ -257,3 +261,55 @@ def test_resume_reads_every_stored_candidate_and_other_settings_never(tiny_llama
     other = invoke(*args[:-1], out, "--objective", "kl", "--resume")  # another objective: nothing read back
     assert other.exit_code == 0, other.output
     assert json.loads(out.read_text())["evaluations"]["stored"] == 0
+
+
+def test_task_objective_scores_each_step_as_lm_eval_scores_its_plan(tiny_llama_dir, calibration, tmp_path, local_data):
+    """Each step's objective is the mean over tasks of 1 − acc that lm-eval's own loop gives the
+    step's plan; the search starts from the full model's cached prefix, so it costs fewer
+    block passes than running every candidate whole."""
+    from lm_eval_layers.evaluate import Evaluator
+    from lm_eval_layers.model import LayeredLM
+    from lm_eval_layers.plan import LayerPlan
+    from lm_eval_layers.task_suite import task_manager
+
+    out = tmp_path / "s.json"
+    tasks = ["arc_easy_local", "piqa_local"]
+    result = invoke(tiny_llama_dir, "--remove", "2", "--objective", "acc_norm", "--tasks", ",".join(tasks), "--limit", "6",
+                    "--calibration", calibration, "--tokens", "2x16", "--out", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["tasks"] == tasks and doc["limit"] == 6 and doc["minimised"].startswith("1 − acc_norm")
+    assert [len(s["removed"]) for s in doc["steps"]] == [1, 2]
+    assert doc["block_passes"] < doc["as_written_block_passes"]
+    lm = LayeredLM(pretrained=str(tiny_llama_dir), device="cpu")
+    loop = Evaluator(lm, tasks, task_manager(), limit=6, prepared=False)
+    for plan, expected in [(LayerPlan.identity(DEPTH), doc["full_objective"])] + [
+            (plan_without(DEPTH, s["removed"]), s["objective"]) for s in doc["steps"]]:
+        metrics = loop.evaluate(plan).metrics
+        assert sum(1 - metrics[t]["acc_norm"] for t in tasks) / len(tasks) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_two_processes_split_each_step_and_choose_what_one_process_chooses(tiny_llama_dir, calibration, tmp_path):
+    """`torchrun` with two CPU processes (gloo): the candidates of each step are split, rank 0
+    stores every one of them and writes the plan a single process finds."""
+    args = ["--remove", "3", "--calibration", str(calibration), "--tokens", "4x32"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([str(Path(sys.executable).with_name("surgery")), "search", str(tiny_llama_dir), *args, "--out", str(one)],
+                   env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "surgery", "search", str(tiny_llama_dir), *args, "--out", str(two)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert [s["removed"] for s in b["steps"]] == [s["removed"] for s in a["steps"]] and b["plan"] == a["plan"]
+    # one thread per torchrun process: sums differ from the single process at float rounding only
+    assert [s["objective"] for s in b["steps"]] == pytest.approx([s["objective"] for s in a["steps"]], rel=1e-6)
+    assert b["evaluations"] == a["evaluations"] == {"computed": 1 + 4 + 3 + 2, "stored": 0}  # the full model, then each step
+    import sqlite3
+
+    keys = lambda path: sorted(r[0] for r in sqlite3.connect(path).execute("SELECT coalition FROM coalitions"))  # noqa: E731
+    assert keys(two.with_suffix(".sqlite")) == keys(one.with_suffix(".sqlite"))
+    assert proc.stdout.count("greedy search of") == 1  # one table, from rank 0

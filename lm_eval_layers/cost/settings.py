@@ -14,6 +14,7 @@ from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.precision import DType
 from lm_eval_layers.scores_file import Scores, load_scores, read_scores
 from lm_eval_layers.settings import MODEL_HELP, argument, option, required
+from lm_eval_layers.task_suite import limit_option, task_names, tasks_option
 
 FULL = "full"  # the label of the unchanged model
 
@@ -104,8 +105,8 @@ class BenchSettings:
     device: Device = option(Device.cpu, "--device", "where the model runs")
     dtype: DType = option(DType.float32, "--dtype", "weights and compute dtype")
     threads: int = option(0, "--threads", "torch threads (0: torch's default, one per core)")
-    tasks: str | None = option(None, "--tasks", "comma-separated lm-eval tasks: accuracy of every plan (Evaluator)")
-    limit: int | None = option(100, "--limit", "documents per task with --tasks")
+    tasks: str | None = tasks_option(None, "accuracy of every plan (Evaluator)")
+    limit: int | None = limit_option()
     eval_batch_size: int = option(32, "--eval-batch-size", "batch size of the accuracy evaluation")
     checkpoints: bool = option(False, "--checkpoints", "also time each plan written as a checkpoint "
                                "(the `surgery prune`/`expand` folder, in a temporary folder) and loaded as is")
@@ -136,7 +137,7 @@ class BenchSettings:
 
     @property
     def task_names(self) -> list[str]:
-        return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
+        return task_names(self.tasks)
 
     def specs(self) -> list[tuple[str, PlanSpec]]:
         """(label, plan) in the order given: --plans, then the --from series."""

@@ -83,20 +83,12 @@ def score_model(lm: Any, settings: ScoreSettings, store: Store | None = None, pr
     keeps the evaluated coalitions; without one they are kept in memory for this call."""
     rank, world = distributed.current()
     progress = progress if progress is not None and rank == 0 else Progress()
-    _one_replica(lm)
+    distributed.one_replica(lm)
     if settings.method.is_similarity:
         return _by_similarity(lm, settings, progress) if rank == 0 else None
     if rank == 0 and store is None:
         store = Store(None, {})
     return _by_game(lm, settings, store, progress, manager, rank, world)
-
-
-def _one_replica(lm: Any) -> None:
-    """Every process holds a whole replica and evaluates coalitions of its own, so lm-eval must
-    not split one variant's requests across processes. Under a launcher lm-eval 0.4.13's HFLM
-    takes rank and world size from accelerate, and offers no public way to set them (`rank` and
-    `world_size` are read-only properties): its private fields are set here, and only here."""
-    lm._rank, lm._world_size = 0, 1
 
 
 def _header(lm: Any, settings: ScoreSettings) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import shapiq_adapter
 from lm_eval_layers.precision import DType
 from lm_eval_layers.settings import argument, option
+from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
 
 MODEL_HELP = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"
 EXACT_LIMIT = 16  # units above which --method exact needs --force (2^16 evaluations)
@@ -119,9 +120,9 @@ class ScoreSettings:
     unit: Literal["block", "halves", "attn", "mlp"] = option(
         "block", "--unit", "whole blocks, or halves: the attention and the MLP branch of every block "
         "(attn and mlp mean halves too)")
-    tasks: str = option("arc_easy_local", "--tasks", "comma-separated lm-eval tasks (the shipped *_local tasks are always found)")
-    include_path: Path | None = option(None, "--include-path", "a folder of extra task YAMLs")
-    limit: int | None = option(100, "--limit", "documents per task")
+    tasks: str = tasks_option("arc_easy_local", "the game's value is their mean metric")
+    include_path: Path | None = include_path_option()
+    limit: int | None = limit_option()
     metric: Metric = option(Metric.acc, "--metric", "per-example metric the game averages")
     budget: int = option(400, "--budget", "coalition evaluations for --method shapley")
     estimator: str = option(DEFAULT_ESTIMATOR.value, "--estimator",
@@ -169,7 +170,7 @@ class ScoreSettings:
 
     @property
     def task_names(self) -> list[str]:
-        return [t for t in self.tasks.split(",") if t]
+        return task_names(self.tasks)
 
     @property
     def shapley_estimator(self) -> str | None:

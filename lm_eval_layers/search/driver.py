@@ -21,6 +21,13 @@ from lm_eval_layers.search.units import all_units, protected_units, unit_paramet
 from lm_eval_layers.calibration import calibration_windows, parse_shape
 
 SCHEMA = 1
+MINIMISED = {  # what `objective` holds in search.json, per objective
+    "nll": "next-token nll per token of the calibration windows",
+    "kl": "KL(full ‖ variant) per token of the calibration windows",
+    "acc": "1 − acc, the mean over tasks of each task's mean",
+    "acc_norm": "1 − acc_norm, the mean over tasks of each task's mean",
+    "loglik": "−loglik of the gold answer, the mean over tasks of each task's mean",
+}
 
 
 def model_depth(model: str) -> int:
@@ -108,18 +115,66 @@ def check_store(settings: SearchSettings) -> None:
 
 
 def store_context(settings: SearchSettings, calibration: dict[str, Any]) -> dict[str, Any]:
-    """What a stored evaluation answers for: model files, calibration, objective, dtype, unit."""
+    """What a stored evaluation answers for: model files, calibration, objective, dtype, unit
+    (and for a task objective the tasks and documents per task)."""
     from lm_eval_layers.default_model import resolve_alias
     from lm_eval_layers.identity import model_identity
 
     path, gguf = resolve_alias(settings.model, None)
+    tasks = {"tasks": sorted(settings.task_names), "limit": settings.limit} if settings.objective.on_tasks else {}
     return {"model": model_identity(str(path), gguf_file=gguf), "calibration": calibration,
-            "objective": settings.objective.value, "dtype": settings.dtype.value, "unit": settings.unit.value}
+            "objective": settings.objective.value, "dtype": settings.dtype.value, "unit": settings.unit.value, **tasks}
+
+
+def task_manager_for(settings: SearchSettings) -> Any:
+    """lm-eval's task manager with the task names checked (one line for an unknown one), before
+    any model loads; None for a calibration objective."""
+    if not settings.objective.on_tasks:
+        return None
+    from lm_eval_layers.task_suite import check_task_names, task_manager
+
+    manager = task_manager(settings.include_path)
+    check_task_names(manager, settings.task_names)
+    return manager
+
+
+def engines(settings: SearchSettings, windows: torch.Tensor, manager: Any, progress: Progress) -> tuple[Any, Any, Any]:
+    """(model, engine, screening engine or None) for the objective: calibration windows
+    (`engine.py`), or lm-eval tasks through prepared requests (`task_engine.py`); evolve screens
+    on the first --screen windows, or documents per task."""
+    from lm_eval_layers import distributed
+    from lm_eval_layers.search.engine import CalibrationEngine
+
+    count = len(windows)
+    evolve = settings.method_name == "evolve"
+    if not settings.objective.on_tasks:
+        model = load_model(settings.model, settings.dtype.torch, distributed.device())
+        progress("running the full model on the calibration windows", 0, 1)
+        engine = CalibrationEngine(model, windows, settings.objective.value, settings.batch_size)
+        screen = None
+        if evolve and settings.screen < count:
+            screen = CalibrationEngine(model, windows[:settings.screen], settings.objective.value, settings.batch_size)
+        return model, engine, screen
+    from lm_eval_layers.evaluate import Evaluator
+    from lm_eval_layers.model import LayeredLM
+    from lm_eval_layers.search.task_engine import TaskEngine
+
+    lm = LayeredLM(pretrained=settings.model, dtype=settings.dtype.value, device=distributed.device())
+    distributed.one_replica(lm)
+    progress(f"preparing {', '.join(settings.task_names)} and running the full model", 0, 1)
+    tasks, objective = settings.task_names, settings.objective.value
+    engine = TaskEngine(lm, Evaluator(lm, tasks, manager, settings.limit), objective, windows, settings.batch_size)
+    screen = None
+    if evolve and (settings.limit is None or settings.screen < settings.limit):
+        screen = TaskEngine(lm, Evaluator(lm, tasks, manager, settings.screen), objective, windows, settings.batch_size)
+    return lm.model, engine, screen
 
 
 @torch.no_grad()
-def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any]:
-    """Run the search; returns the search.json document."""
+def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any] | None:
+    """Run the search; returns the search.json document (on rank 0 of a `torchrun` run, whose
+    processes split each step's candidates; None on the others)."""
+    from lm_eval_layers import distributed
     from lm_eval_layers.calibration import read_calibration
     from lm_eval_layers.outputs import check_file
 
@@ -129,6 +184,10 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     if settings.plot:
         check_file(settings.plot, settings.force, "--plot")
     check_store(settings)
+    manager = task_manager_for(settings)
+    rank, world = distributed.setup()
+    if rank != 0:
+        progress = lambda *a: None  # noqa: E731 — rank 0 reports
     calibration = read_calibration(settings.calibration)
     count, tokens = parse_shape(settings.tokens)
     start = time.perf_counter()
@@ -137,10 +196,9 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     if settings.method_name == "scores":
         scores_values(settings, depth)  # before any weight is read
     windows = calibration_windows(load_tokenizer(settings.model), calibration.text, count, tokens, settings.seed)
-    model = load_model(settings.model, settings.dtype.torch, "cuda" if torch.cuda.is_available() else "cpu")
+    model, engine, screen = engines(settings, windows, manager, progress)
 
     from lm_eval_layers.arch import layout_for
-    from lm_eval_layers.search.engine import CalibrationEngine
 
     layout = layout_for(model)
     sizes = unit_parameters(model, layout, settings.unit == SearchUnit.halves)
@@ -151,16 +209,14 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
                          f"{1 - sum(sizes[u] for u in candidates) / total:.1%}; keep more or protect less")
     loaded = time.perf_counter()
     calibration_key = {"sha256": calibration.sha256, "windows": count, "tokens": tokens, "seed": settings.seed}
-    if settings.store_path.exists() and not settings.resume:  # --force: start afresh
+    if rank == 0 and settings.store_path.exists() and not settings.resume:  # --force: start afresh
         settings.store_path.unlink()
-    store = Store(settings.store_path, store_context(settings, calibration_key))
-    progress("running the full model on the calibration windows", 0, 1)
-    engine = CalibrationEngine(model, windows, settings.objective.value, settings.batch_size)
-    screen = None
-    if settings.method_name == "evolve" and settings.screen < count:
-        screen = CalibrationEngine(model, windows[:settings.screen], settings.objective.value, settings.batch_size)
+    store = Store(settings.store_path if rank == 0 else None, store_context(settings, calibration_key))
     problem = Problem(engine, candidates, sizes, total, budget, model.config.model_type, settings.seed, store, screen)
     steps = run_method(settings, problem, progress)
+    distributed.finish(world)
+    if rank != 0:
+        return None
     removed = steps[-1].removed if steps else []
     plan = problem.plan(removed)
     sleb = sum(n * (depth - i - 1) for i, n in enumerate(range(len(candidates), len(candidates) - len(steps), -1)))
@@ -171,14 +227,16 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         "budget": {"remove": settings.remove, "params": settings.params}, "protect": settings.protect,
         "calibration": {"path": str(calibration.path), "sha256": calibration.sha256, "windows": count,
                         "tokens": tokens, "seed": settings.seed},
+        **({"tasks": settings.task_names, "limit": settings.limit} if settings.objective.on_tasks else {}),
+        "minimised": MINIMISED[settings.objective.value],
         "dtype": settings.dtype.value, "full_objective": problem.per_token(problem.evaluations.score([])),
         "steps": [step_record(problem, s) for s in steps],
         "plan": plan.to_dict(), "description": plan.describe(),
         "params": problem.kept(removed), "total_params": total,
-        "block_passes": problem.block_passes,
+        "block_passes": problem.block_passes, "processes": world,
         "evaluations": evaluation_counts(problem),
         **({"evolve": {"generations": settings.generations, "offspring": settings.offspring,
-                       "survivors": settings.survivors, "screen": min(settings.screen, count)}}
+                       "survivors": settings.survivors, "screen": problem.screen_engine.windows if problem.screen_engine else None}}
            if settings.method_name == "evolve" else {}),
         # what SLEB's loop as written costs for the same removals: every candidate runs the whole stack
         "as_written_block_passes": sleb if settings.unit == SearchUnit.block and settings.beam == 1 else None,

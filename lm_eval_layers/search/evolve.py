@@ -77,14 +77,13 @@ def evolve(problem: Problem, generations: int, offspring: int, survivors: int,
         picks = sorted(rng.choice(len(pool), size=min(offspring, len(pool)), replace=False).tolist())
         children = [pool[i] for i in picks]
         seen.update(set_key(c) for c in children)
-        screened = []
-        for i, child in enumerate(children, 1):
-            screened.append((child, screen.score(child, reference=parent)))
-            progress(f"generation {generation}/{generations}: screening", i, len(children))
+        what = f"generation {generation}/{generations}: screening"
+        screened = list(zip(children, screen.score_all([(c, parent) for c in children],
+                                                        lambda done: progress(what, done, len(children)))))
         evaluated += len(children)
         best = sorted(screened, key=lambda item: (float(item[1].sum()), set_key(item[0])))[:survivors]
         if screen is not full:
-            best = [(child, full.score(child, reference=parent)) for child, _ in best]
+            best = list(zip([c for c, _ in best], full.score_all([(c, parent) for c, _ in best])))
             evaluated += len(best)
         ranked = sorted([(parent, parent_scores, 0)] + [(c, s, 1) for c, s in best],
                         key=lambda item: (float(item[1].sum()), item[2], set_key(item[0])))

@@ -108,21 +108,17 @@ def greedy(problem: Problem, beam: int = 1, progress: Progress = lambda *a: None
     members: list[tuple[list[Unit], torch.Tensor]] = [([], evaluations.score([]))]
     steps: list[Step] = []
     while not _done(problem, members[0][0]):
-        scored: dict[frozenset, tuple[list[Unit], torch.Tensor]] = {}
-        todo = [(removed, u) for removed, _ in members for u in problem.candidates if u not in removed]
-        done = 0
+        todo: dict[frozenset, tuple[list[Unit], list[Unit]]] = {}
         for removed, _ in members:
             for unit in problem.candidates:
-                if unit in removed:
-                    continue
-                key = frozenset([*removed, unit])
-                if key not in scored:
-                    scored[key] = ([*removed, unit], evaluations.score([*removed, unit], reference=removed))
-                done += 1
-                progress(f"step {len(steps) + 1}: {len(removed) + 1} removed", done, len(todo))
+                if unit not in removed:
+                    todo.setdefault(frozenset([*removed, unit]), ([*removed, unit], removed))
+        what = f"step {len(steps) + 1}: {len(members[0][0]) + 1} removed"
+        results = evaluations.score_all(list(todo.values()), lambda done: progress(what, done, len(todo)))
+        scored = [(removed, scores) for (removed, _), scores in zip(todo.values(), results)]
         if not scored:
             break
-        ranked = sorted(scored.values(), key=lambda item: float(item[1].sum()))
+        ranked = sorted(scored, key=lambda item: float(item[1].sum()))
         members = ranked[:beam]
         steps.append(_step(problem, ranked, start))
     return steps

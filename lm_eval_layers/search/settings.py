@@ -10,6 +10,9 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 from lm_eval_layers.calibration import calibration_option, parse_shape, seed_option, tokens_option
+from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
+
+DEFAULT_TASK = "arc_easy_local"
 
 
 class SearchUnit(str, Enum):
@@ -18,8 +21,18 @@ class SearchUnit(str, Enum):
 
 
 class Objective(str, Enum):
+    """What a search minimises: calibration-text nll or kl (`engine.py`), or the error of a task
+    metric on lm-eval tasks (`task_engine.py`: 1 − acc, 1 − acc_norm, or −loglik of the gold answer)."""
+
     nll = "nll"
     kl = "kl"
+    acc = "acc"
+    acc_norm = "acc_norm"
+    loglik = "loglik"
+
+    @property
+    def on_tasks(self) -> bool:
+        return self not in (Objective.nll, Objective.kl)
 
 
 METHODS = ("greedy", "beam:B", "last", "bi", "angular", "scores:FILE", "evolve")
@@ -36,7 +49,11 @@ class SearchSettings:
                          "bi (ShortGPT's block influence), angular (Gromov et al.'s closest contiguous run) or scores:FILE "
                          "(a `surgery score` ranking, lowest first) or evolve (EvoPress: mutate the removal set, screen on few windows, keep the best)")
     protect: str = option("0,-1", "--protect", "blocks never removed (plan syntax; '' for none)")
-    objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, or kl from the full model's next-token distribution")
+    objective: Objective = option(Objective.nll, "--objective", "nll of the calibration text, kl from the full model's "
+                                  "next-token distribution, or a task metric (acc, acc_norm, loglik of the gold answer) on --tasks")
+    tasks: str | None = tasks_option(None, f"what a task --objective is measured on (default {DEFAULT_TASK})")
+    include_path: Path | None = include_path_option()
+    limit: int | None = limit_option()
     calibration: Path | None = calibration_option()
     tokens: str = tokens_option("32x256")
     seed: int = seed_option()
@@ -45,7 +62,8 @@ class SearchSettings:
     generations: int = option(20, "--generations", "evolve: at most this many generations")
     offspring: int = option(16, "--offspring", "evolve: children per generation, each one swap from the best set, screened")
     survivors: int = option(2, "--survivors", "evolve: screened children scored on every calibration window per generation")
-    screen: int = option(4, "--screen", "evolve: calibration windows children are screened on (the first ones)")
+    screen: int = option(4, "--screen", "evolve: calibration windows children are screened on (the first ones; "
+                         "documents per task with a task --objective)")
     plot: Path | None = option(None, "--plot", "PNG of the objective against units removed")
     resume: bool = option(False, "--resume", "reuse the evaluations stored next to --out (the .sqlite of its name)")
     force: bool = option(False, "--force", "replace an existing --out / --plot, and start a stored search afresh")
@@ -60,6 +78,13 @@ class SearchSettings:
             self.keep_share  # noqa: B018 — parses and checks it
         self.beam  # noqa: B018
         parse_shape(self.tokens)
+        if not self.objective.on_tasks and (self.tasks is not None or self.include_path is not None):
+            raise UsageError(f"--tasks and --include-path are for a task objective; add --objective acc, acc_norm or "
+                             f"loglik, or leave them out for --objective {self.objective.value}")
+        if self.tasks is not None and not task_names(self.tasks):
+            raise UsageError(f"--tasks is empty; name at least one task, e.g. --tasks {DEFAULT_TASK}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit {self.limit}: give at least 1 document per task")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         for name in ("generations", "offspring", "survivors", "screen"):
@@ -103,6 +128,11 @@ class SearchSettings:
                 raise UsageError(f"--method {self.method}: no scores file at {arg}; give a scores.json of `surgery score`")
             return 0
         raise UsageError(f"--method {self.method}: use one of {', '.join(METHODS)} (e.g. beam:4)")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks of a task objective (default arc_easy_local); none for nll and kl."""
+        return (task_names(self.tasks) or [DEFAULT_TASK]) if self.objective.on_tasks else []
 
     @property
     def store_path(self) -> Path:
