@@ -74,10 +74,10 @@ def main() -> None:
         row = {"drop": spec, "heldout_nll_drop": dropped, "curve": []}
         for w, k in sorted(shapes, key=lambda s: s[0] * s[1]):
             windows = calibration_windows(tok, text, w, k)
-            sums = F._Sums(model.config.hidden_size, keep=False)
+            sums = F.Sums(model.config.hidden_size, keep=False)
             start = time.perf_counter()
             for batch in windows.split(8):
-                sums.add(*F._activations(model, plan, None, a, b, ids=batch))
+                sums.add(*F.activations(model, plan, None, a, b, ids=batch))
             accumulate = time.perf_counter() - start
             for ridge in args.ridges:
                 tic = time.perf_counter()

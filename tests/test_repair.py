@@ -249,3 +249,24 @@ def test_bench_refuses_a_repair_it_would_not_measure():
 
     with pytest.raises(LayersError, match="does not change a variant's cost"):
         plan_from_text("drop=20-23,repair=lstsq")
+
+
+def test_a_cached_fit_is_read_back_before_any_weight_loads(tmp_path, monkeypatch, tiny_llama_dir, text_file):
+    """`surgery prune --repair` again on the same files and plan: the fit comes from the cache
+    and the model is never loaded to fit it."""
+    from lm_eval_layers.checkpoint import verify
+    from lm_eval_layers.checkpoint.sources import open_model
+    from lm_eval_layers.repair.fit import fit_source
+
+    monkeypatch.setenv("LM_EVAL_LAYERS_CACHE", str(tmp_path / "cache"))
+    plan = plan_for(text_file, "3-4")
+    first = fit_source(open_model(str(tiny_llama_dir)), plan)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was loaded although its fit is cached")
+
+    monkeypatch.setattr(verify, "load_source", refuse)
+    again = fit_source(open_model(str(tiny_llama_dir)), plan)
+    assert not first.cached and again.cached and torch.equal(first.transforms[2], again.transforms[2])
+    with pytest.raises(AssertionError, match="was loaded"):  # another plan needs its own fit
+        fit_source(open_model(str(tiny_llama_dir)), plan_for(text_file, "2-3"))

@@ -73,6 +73,11 @@ def check_foldable(model: nn.Module, plan: LayerPlan) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def fit_key(identity: dict[str, Any], dtype: torch.dtype, plan: LayerPlan) -> str:
+    """What a fit is cached under: the model's files and loading settings, its dtype, the plan."""
+    return cache.cache_key({**identity, "dtype": str(dtype)}, plan.to_dict())
+
+
 def fit_repair(model: nn.Module, tokenizer: Any, plan: LayerPlan, identity: dict[str, Any] | None = None,
                batch_size: int = 8, progress: Progress = lambda *a: None) -> Fit:
     """The maps of `plan.repair` for the unpruned `model` (no plan applied). With `identity` (what
@@ -84,7 +89,7 @@ def fit_repair(model: nn.Module, tokenizer: Any, plan: LayerPlan, identity: dict
     if repair is None:
         raise PlanError("the plan has no repair; add repair=lstsq")
     runs = check_foldable(model, plan)
-    key = cache.cache_key({**identity, "dtype": str(next(model.parameters()).dtype)}, plan.to_dict()) if identity else None
+    key = fit_key(identity, next(model.parameters()).dtype, plan) if identity else None
     hit = cache.load(key) if key else None
     if hit is not None:
         return Fit(*hit, cached=True)
@@ -102,12 +107,12 @@ def fit_repair(model: nn.Module, tokenizer: Any, plan: LayerPlan, identity: dict
     report = []
     for r, (a, b) in enumerate(runs):
         start = time.perf_counter()
-        sums = _Sums(hidden, keep=repair.method is RepairMethod.cosine)
+        sums = Sums(hidden, keep=repair.method is RepairMethod.cosine)
         layout = layout_for(model)
         earlier = folded_tensors(layout.find_blocks(model), layout, plan, transforms) if r else None
         for i, ids in enumerate(batches):
             progress(f"fitting the map for blocks {a}-{b}", i, len(batches))
-            x, m, y = _activations(model, plan, earlier, a, b, ids=ids)
+            x, m, y = activations(model, plan, earlier, a, b, ids=ids)
             sums.add(x, m, y)
         t = sums.solve(repair.ridge)
         if repair.method is RepairMethod.cosine:
@@ -153,7 +158,7 @@ def _run(model: nn.Module, ids: torch.Tensor, pairs: list[tuple[nn.Module, str]]
     return out
 
 
-def _activations(model: nn.Module, plan: LayerPlan, earlier: dict[int, dict[str, torch.Tensor]] | None, a: int, b: int,
+def activations(model: nn.Module, plan: LayerPlan, earlier: dict[int, dict[str, torch.Tensor]] | None, a: int, b: int,
                  ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X, M (block a−1 of the variant with the `earlier` runs' folded tensors) and Y (block b of the
     unpruned model) for one batch; for the first run (`earlier` None) the variant's prefix is the
@@ -173,8 +178,9 @@ def _activations(model: nn.Module, plan: LayerPlan, earlier: dict[int, dict[str,
     return out["x"], out["m"], out["y"]
 
 
-class _Sums:
-    """MᵀM, MᵀD, ‖D‖² and ‖Y − X‖² accumulated in float64 (and, for cosine, the activations)."""
+class Sums:
+    """MᵀM, MᵀD, ‖D‖² and ‖Y − X‖² accumulated in float64 (and, for cosine, the activations);
+    public so one accumulation can be solved at several ridges (`benchmarks/repair.py`)."""
 
     def __init__(self, d: int, keep: bool) -> None:
         self.mm = torch.zeros(d, d, dtype=torch.float64)
@@ -226,7 +232,8 @@ class _Sums:
 
 def fit_source(source: Any, plan: LayerPlan, dtype: torch.dtype | None = None, progress: Progress = lambda *a: None) -> Fit:
     """The maps for a plan written from a checkpoint source (what `surgery prune --repair` fits):
-    the model loaded in the dtype it is written in (float32 for GGUF), cached under its files."""
+    the model loaded in the dtype it is written in (float32 for GGUF), cached under its files; a
+    cached fit is read back before any weight is loaded."""
     from lm_eval_layers.checkpoint.sources import GGUFFile, load_tokenizer
     from lm_eval_layers.checkpoint.verify import load_source
     from lm_eval_layers.identity import model_identity
@@ -236,6 +243,9 @@ def fit_source(source: Any, plan: LayerPlan, dtype: torch.dtype | None = None, p
         identity = model_identity(str(source.path.parent), gguf_file=source.path.name)
     else:
         identity = model_identity(str(source.folder))
+    hit = cache.load(fit_key(identity, dtype, plan))
+    if hit is not None:  # fitted before for these files, dtype and plan: no weight is read
+        return Fit(*hit, cached=True)
     model = load_source(source, dtype)
     if torch.cuda.is_available():
         model = model.cuda()
