@@ -291,8 +291,9 @@ def test_task_objective_scores_each_step_as_lm_eval_scores_its_plan(tiny_llama_d
 
 @pytest.mark.slow
 def test_two_processes_split_each_step_and_choose_what_one_process_chooses(tiny_llama_dir, calibration, tmp_path):
-    """`torchrun` with two CPU processes (gloo): the candidates of each step are split, rank 0
-    stores every one of them and writes the plan a single process finds."""
+    """`torchrun` with two CPU processes (gloo): the candidates of each greedy step (and evolve's
+    screened children) are split, rank 0 stores every one of them and writes the plan a single
+    process finds."""
     args = ["--remove", "3", "--calibration", str(calibration), "--tokens", "4x32"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -313,3 +314,10 @@ def test_two_processes_split_each_step_and_choose_what_one_process_chooses(tiny_
     keys = lambda path: sorted(r[0] for r in sqlite3.connect(path).execute("SELECT coalition FROM coalitions"))  # noqa: E731
     assert keys(two.with_suffix(".sqlite")) == keys(one.with_suffix(".sqlite"))
     assert proc.stdout.count("greedy search of") == 1  # one table, from rank 0
+    evolve = [*args, "--method", "evolve", "--generations", "3", "--offspring", "4", "--screen", "2", "--force"]
+    for out, launcher in ((one, [str(Path(sys.executable).with_name("surgery"))]),
+                          (two, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "surgery"])):
+        run = subprocess.run([*launcher, "search", str(tiny_llama_dir), *evolve, "--out", str(out)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [s["removed"] for s in b["steps"]] == [s["removed"] for s in a["steps"]] and b["evaluations"] == a["evaluations"]

@@ -1,8 +1,9 @@
 """`surgery search` as a library call: check the settings against the model's depth, load the
-model once, score candidates on calibration windows (`engine.py`) with a method
-(`methods.py`, `evolve.py`), keep every evaluated candidate in a store beside --out
-(`evaluations.py`; `--resume` reads it back), and return the search.json document (its final `plan` has the schema of
-`layer_plan.json`, so every executor reads it)."""
+model once, score candidates on calibration windows (`engine.py`) or lm-eval tasks
+(`task_engine.py`) with a method (`methods.py`, `evolve.py`), keep every evaluated candidate in
+a store beside --out (`evaluations.py`; `--resume` reads it back; under `torchrun` each step's
+candidates are split across the processes), and return the search.json document (its final
+`plan` has the schema of `layer_plan.json`, so every executor reads it)."""
 
 from __future__ import annotations
 
