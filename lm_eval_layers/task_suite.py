@@ -9,6 +9,7 @@ they are the repository's top-level `tasks/`. Give them to the stock `lm_eval` c
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -51,9 +52,23 @@ def tasks_dir() -> Path:
     raise TaskError(f"the task YAMLs are missing from {_PACKAGE}; reinstall lm-eval-layers")
 
 
+class _NoMetadataHint(logging.Filter):
+    """lm-eval warns, for every task with its own data loader, that kwargs can be passed with
+    `--metadata`; the shipped tasks' loader takes none, so the hint only misleads. Dropped for
+    the shipped (`*_local`) tasks alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.split(":", 1)[0].endswith("_local") and "can be passed to `--metadata`" in message)
+
+
 def task_manager(include_path: str | Path | Iterable[str | Path] | None = None) -> TaskManager:
     """lm-eval's task manager with the shipped tasks and any user folders of task YAMLs."""
     from lm_eval.tasks import TaskManager
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _NoMetadataHint) for f in task_log.filters):
+        task_log.addFilter(_NoMetadataHint())
 
     extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
     for folder in extra:
