@@ -41,10 +41,10 @@ def search(settings: SearchSettings) -> None:
 def table(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"{doc['method']} search of {doc['model']} ({doc['unit']} units; {doc['minimised']}: "
+    t = Table(title=f"{doc['method']} search of {doc['model']} ({doc['unit']} units; {doc['minimised']['meaning']}: "
                     f"full model {doc['full_objective']:.4f})")
     evolve = any("generation" in s for s in doc["steps"])  # a step per generation: its best set
-    for col in ("generation" if evolve else "step", "removed", doc["objective"], "runner-up", "margin 95% CI",
+    for col in ("generation" if evolve else "step", "removed", doc["minimised"]["label"], "runner-up", "margin 95% CI",
                 "params kept", "block passes"):
         t.add_column(col, justify="right")
     for i, s in enumerate(doc["steps"], 1):
@@ -76,8 +76,7 @@ def draw(doc: dict[str, Any], path: Path) -> None:
         for x, y, s in zip(xs[1:], ys[1:], doc["steps"]):
             ax.annotate(str(s["removed"][-1]), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         ax.set_xlabel(f"{doc['unit']} units removed")
-    ax.set_ylabel(doc["minimised"].split(",")[0] if doc["objective"] in ("acc", "acc_norm", "loglik")
-                  else f"{doc['objective']} per token (calibration)")
+    ax.set_ylabel(doc["minimised"]["label"])
     ax.set_title(f"{doc['model']}: {doc['method']} search", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -22,12 +22,12 @@ from lm_eval_layers.search.units import all_units, protected_units, unit_paramet
 from lm_eval_layers.calibration import calibration_windows, parse_shape
 
 SCHEMA = 1
-MINIMISED = {  # what `objective` holds in search.json, per objective
-    "nll": "next-token nll per token of the calibration windows",
-    "kl": "KL(full ‖ variant) per token of the calibration windows",
-    "acc": "1 − acc, the mean over tasks of each task's mean",
-    "acc_norm": "1 − acc_norm, the mean over tasks of each task's mean",
-    "loglik": "−loglik of the gold answer, the mean over tasks of each task's mean",
+MINIMISED = {  # what `objective` holds in search.json, per objective: a short label and its meaning
+    "nll": ("nll/token", "next-token nll per token of the calibration windows"),
+    "kl": ("kl/token", "KL(full ‖ variant) per token of the calibration windows"),
+    "acc": ("1 − acc", "1 − acc, the mean over tasks of each task's mean"),
+    "acc_norm": ("1 − acc_norm", "1 − acc_norm, the mean over tasks of each task's mean"),
+    "loglik": ("−loglik", "−loglik of the gold answer, the mean over tasks of each task's mean"),
 }
 
 
@@ -229,7 +229,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         "calibration": {"path": str(calibration.path), "sha256": calibration.sha256, "windows": count,
                         "tokens": tokens, "seed": settings.seed},
         **({"tasks": settings.task_names, "limit": settings.limit} if settings.objective.on_tasks else {}),
-        "minimised": MINIMISED[settings.objective.value],
+        "minimised": dict(zip(("label", "meaning"), MINIMISED[settings.objective.value])),
         "dtype": settings.dtype.value, "full_objective": problem.per_token(problem.evaluations.score([])),
         "steps": [step_record(problem, s) for s in steps],
         "plan": plan.to_dict(), "description": plan.describe(),
