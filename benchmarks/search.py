@@ -4,8 +4,10 @@ Calibration is the first half of the local WikiText-2 test text; held-out perple
 on windows of the second half, accuracy on lm-eval tasks. Every method removes K blocks with the
 same engine, objective and calibration windows (`--seeds` picks other windows of the first half).
 
-    python benchmarks/search.py [--k 4 8] [--methods greedy last bi angular beam:2] [--seeds 0 1 2]
-        [--tokens 16x128] [--heldout 16x256] [--tasks arc_easy_local] [--limit 200]
+    python benchmarks/search.py [--k 4 8] [--methods greedy beam:2 last bi angular evolve] [--halves]
+        [--seeds 0 1 2] [--tokens 16x128] [--heldout 16x256] [--tasks arc_easy_local ...] [--limit 200]
+
+Results are written after each plan is judged, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import RESULTS
@@ -46,11 +49,22 @@ def split_text(work: Path) -> tuple[Path, str]:
     return calibration, text[half:]
 
 
+PREFIX_METHODS = ("greedy", "last", "bi")  # a run to K removals holds every smaller K in its steps
+
+
+def bootstrap_ci(values: list[float], seed: int = 0, draws: int = 1000) -> list[float]:
+    """95% bootstrap interval of a mean over documents."""
+    x = np.asarray(values, dtype=float)
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(draws, len(x)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/search-bench"))
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--methods", nargs="+", default=["greedy", "beam:2", "last", "bi", "angular"])
+    parser.add_argument("--methods", nargs="+", default=["greedy", "beam:2", "last", "bi", "angular", "evolve"])
+    parser.add_argument("--halves", action="store_true", help="also greedy over attention/MLP halves at each K's parameter share")
     parser.add_argument("--objective", default="nll")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tokens", default="16x128")
@@ -67,50 +81,72 @@ def main() -> None:
     from lm_eval_layers.search.driver import find_plan, load_model, load_tokenizer
     from lm_eval_layers.search.engine import CalibrationEngine
     from lm_eval_layers.search.settings import SearchSettings
+    from lm_eval_layers.search.units import unit_parameters
+    from lm_eval_layers.arch import layout_for
     from lm_eval_layers.calibration import calibration_windows, parse_shape
 
     folder = fp32_folder(args.work)
     calibration, heldout_text = split_text(args.work)
-    runs = []
-    for k in args.k:
-        for method in args.methods:
-            for seed in args.seeds if method not in ("last",) else args.seeds[:1]:
-                settings = SearchSettings(model=str(folder), out=args.work / f"{method.replace(':', '')}-k{k}-s{seed}.json",
-                                          remove=k, method=method, objective=args.objective, calibration=calibration,
-                                          tokens=args.tokens, seed=seed, force=True)
+    model = load_model(str(folder), torch.float32, "cpu")
+    count, tokens = parse_shape(args.heldout)
+    heldout = CalibrationEngine(model, calibration_windows(load_tokenizer(str(folder)), heldout_text, count, tokens), "nll", 4)
+    block = unit_parameters(model, layout_for(model), False)[1]
+    total = sum(p.numel() for p in model.parameters())
+    lm = LayeredLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=32)
+    evaluator = Evaluator(lm, args.tasks, limit=args.limit)
+    full = evaluator.evaluate(LayerPlan.identity(lm.plan.num_layers))
+    result = {"settings": vars(args) | {"work": str(args.work), "json": str(args.json)},
+              "full_heldout_ppl": math.exp(float(heldout.full_scores.sum()) / heldout.positions),
+              "full_acc": {t: full.metrics[t]["acc"] for t in args.tasks},
+              "full_acc_ci": {t: bootstrap_ci(full.examples[t]["acc"]) for t in args.tasks}, "runs": []}
+
+    def judge(run: dict) -> None:
+        """Held-out perplexity and task accuracy (with bootstrap intervals) of a run's plan; saved at once."""
+        plan = LayerPlan.from_dict(run["plan"])
+        run["heldout_ppl"] = math.exp(float(heldout.score(plan).sum()) / heldout.positions)
+        variant = evaluator.evaluate(plan)
+        run["acc"] = {t: variant.metrics[t]["acc"] for t in args.tasks}
+        run["acc_ci"] = {t: bootstrap_ci(variant.examples[t]["acc"]) for t in args.tasks}
+        result["runs"].append(run)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{run['method']} K={run['k']} seed={run['seed']}: removed {run['removed']}, held-out ppl "
+              f"{run['heldout_ppl']:.2f}, acc {run['acc']}, {run['block_passes']:.0f} block passes", flush=True)
+
+    jobs = [(m, "block", [max(args.k)] if m in PREFIX_METHODS else args.k) for m in args.methods]
+    jobs += [("greedy", "halves", [max(args.k)])] if args.halves else []
+    for seed in args.seeds:  # every method on one seed's windows before the next seed
+        for method, unit, ks in jobs if seed == args.seeds[0] else [j for j in jobs if j[0] != "last"]:
+            for k in ks:
+                share = f"{100 * (1 - k * block / total):.4f}%"  # halves: the parameters of k blocks
+                budget = {"remove": k} if unit == "block" else {"params": share}
+                settings = SearchSettings(model=str(folder), out=args.work / f"{method.replace(':', '')}-{unit}-k{k}-s{seed}.json",
+                                          method=method, unit=unit, objective=args.objective, calibration=calibration,
+                                          tokens=args.tokens, seed=seed, force=True, **budget)
                 start = time.perf_counter()
                 doc = find_plan(settings)
                 wall = time.perf_counter() - start
-                print(f"{method} K={k} seed={seed}: removed {doc['steps'][-1]['removed']} in {doc['search_seconds']:.0f} s, "
-                      f"{doc['block_passes']:.0f} block passes", flush=True)
-                runs.append({"method": method, "k": k, "seed": seed, "removed": doc["steps"][-1]["removed"],
-                             "plan": doc["plan"], "calibration_objective": doc["steps"][-1]["objective"],
-                             "block_passes": doc["block_passes"], "as_written_block_passes": doc["as_written_block_passes"],
-                             "search_seconds": doc["search_seconds"], "wall_seconds": wall})
+                steps = doc["steps"]
+                # a prefix method's run to K holds each smaller K's answer in its steps (the same the
+                # shorter run would give); halves: the first step within that K's parameter share
+                wanted = [x for x in args.k if x <= k] if method in PREFIX_METHODS else [k]
+                for want in wanted:
+                    if unit == "block" and method in PREFIX_METHODS:
+                        step = steps[want - 1]
+                    elif unit == "halves":
+                        step = next(s for s in steps if s["params"] <= (1 - want * block / total) * total)
+                    else:
+                        step = steps[-1]
+                    judge({"method": method, "unit": unit, "k": want, "seed": seed, "removed": step["removed"],
+                           "plan": step["plan"], "calibration_objective": step["objective"],
+                           "params": step["params"], "block_passes": step["block_passes"],
+                           "search_seconds": step["seconds"], "wall_seconds": wall if want == k else None,
+                           "margin_ci": step["margin_ci"]})
 
-    model = load_model(str(folder), torch.float32, "cpu")
-    count, tokens = parse_shape(args.heldout)
-    windows = calibration_windows(load_tokenizer(str(folder)), heldout_text, count, tokens)
-    heldout = CalibrationEngine(model, windows, "nll", batch_size=4)
-    full_ppl = math.exp(float(heldout.full_scores.sum()) / heldout.positions)
-    for run in runs:
-        run["heldout_ppl"] = math.exp(float(heldout.score(LayerPlan.from_dict(run["plan"])).sum()) / heldout.positions)
-    del model, heldout
-
-    lm = LayeredLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=32)
-    evaluator = Evaluator(lm, args.tasks, limit=args.limit)
-    full = evaluator.evaluate(LayerPlan.identity(lm.plan.num_layers)).metrics
-    for run in runs:
-        metrics = evaluator.evaluate(LayerPlan.from_dict(run["plan"])).metrics
-        run["acc"] = {t: metrics[t]["acc"] for t in args.tasks}
-    result = {"settings": vars(args) | {"work": str(args.work), "json": str(args.json)}, "full_heldout_ppl": full_ppl,
-              "full_acc": {t: full[t]["acc"] for t in args.tasks}, "runs": runs}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nfull model: held-out ppl {full_ppl:.2f}, acc {result['full_acc']}")
-    print("| method | K | seed | removed | held-out ppl | " + " | ".join(args.tasks) + " | block passes | search s |")
-    for r in runs:
-        print(f"| {r['method']} | {r['k']} | {r['seed']} | {r['removed']} | {r['heldout_ppl']:.2f} | "
+    print(f"\nfull model: held-out ppl {result['full_heldout_ppl']:.2f}, acc {result['full_acc']}")
+    print("| method | unit | K | seed | removed | held-out ppl | " + " | ".join(args.tasks) + " | block passes | search s |")
+    for r in result["runs"]:
+        print(f"| {r['method']} | {r['unit']} | {r['k']} | {r['seed']} | {r['removed']} | {r['heldout_ppl']:.2f} | "
               + " | ".join(f"{r['acc'][t]:.3f}" for t in args.tasks) + f" | {r['block_passes']:.0f} | {r['search_seconds']:.0f} |")
 
 

@@ -133,6 +133,7 @@ def invoke(*args):
 
 BAD = [
     (["--remove", "6"], "removes every unit"),
+    (["--remove", "0"], "remove at least 1 unit"),
     (["--remove", "5"], "only 4 units are not protected"),
     (["--remove", "1", "--params", "50%"], "give one budget"),
     ([], "give one budget"),
