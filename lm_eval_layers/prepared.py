@@ -52,6 +52,12 @@ class PreparedRequests:
         self.requests = [Request.from_tokens(ctx, cont, lm.max_length) for ctx, cont in _encoded(lm, instances)]
         self.batches = make_batches(self.requests, batch_size, max_batch_tokens, attention_window(lm.model.config))
 
+    @property
+    def tokens(self) -> int:
+        """Token positions one pass of the model runs over every batch (shared contexts once)."""
+        return sum(b.tensors["ids"].numel() + (b.tensors["ctx"].numel() if b.tensors["ctx"] is not None else 0)
+                   for b in self.batches)
+
 
 class PreparedEngine:
     """Evaluates variants of `lm`'s model on prepared requests, reusing the full model's prefix."""
@@ -71,9 +77,7 @@ class PreparedEngine:
     def _cache_full_model(self, budget: int) -> list[tuple[float, bool]]:
         """The full model's results, recording the inputs of blocks 1..k (as many as fit)."""
         blocks = self.layout.find_blocks(self.model)
-        tokens = sum(b.tensors["ids"].numel() + (b.tensors["ctx"].numel() if b.tensors["ctx"] is not None else 0)
-                     for b in self.prepared.batches)
-        per_boundary = tokens * self.model.config.hidden_size * next(self.model.parameters()).element_size()
+        per_boundary = self.prepared.tokens * self.model.config.hidden_size * next(self.model.parameters()).element_size()
         count = min(self.num_layers - 1, budget // max(per_boundary, 1))
         self.boundaries = {k: {} for k in range(1, count + 1)}
 

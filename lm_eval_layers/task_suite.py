@@ -91,7 +91,12 @@ def check_task_names(manager: TaskManager, names: list[str]) -> None:
 def load_tasks(manager: TaskManager, names: list[str]) -> dict[str, Any]:
     """The leaf task objects of task and group names (groups flattened)."""
     check_task_names(manager, names)
-    return manager.load(names)["tasks"]
+    try:
+        return manager.load(names)["tasks"]
+    except ValueError as e:  # lm-eval refuses a task named twice, e.g. beside a group that holds it
+        if "Duplicate task" not in str(e):
+            raise
+        raise TaskError(f"{e}; name each task once (a group already runs its tasks)") from None
 
 
 if __name__ == "__main__":

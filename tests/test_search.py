@@ -322,3 +322,31 @@ def test_two_processes_split_each_step_and_choose_what_one_process_chooses(tiny_
         assert run.returncode == 0, run.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert [s["removed"] for s in b["steps"]] == [s["removed"] for s in a["steps"]] and b["evaluations"] == a["evaluations"]
+
+
+def test_task_scores_are_stored_for_the_tasks_as_they_were(tiny_llama_dir, calibration, tmp_path, local_data):
+    """A task objective's store answers only for the same tasks, in the same order, with the same
+    configs: an edited task YAML or reordered --tasks is computed afresh, not read back."""
+    import shutil
+
+    from lm_eval_layers.task_suite import tasks_dir
+
+    yamls = tmp_path / "tasks"
+    yamls.mkdir()
+    shutil.copy(tasks_dir() / "utils.py", yamls)
+    source = (tasks_dir() / "arc_easy_local.yaml").read_text().replace("task: arc_easy_local", "task: my_arc")
+    (yamls / "my_arc.yaml").write_text(source)
+    out = tmp_path / "s.json"
+    args = [tiny_llama_dir, "--remove", "1", "--objective", "loglik", "--limit", "4", "--include-path", yamls,
+            "--calibration", calibration, "--tokens", "2x16", "--out", out, "--force"]
+
+    def run(tasks: str, *extra: str) -> dict:
+        result = invoke(*args, "--tasks", tasks, *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())["evaluations"]
+
+    assert run("my_arc,piqa_local")["stored"] == 0
+    assert run("my_arc,piqa_local", "--resume") == {"computed": 0, "stored": 5}  # the full model and 4 candidates
+    assert run("piqa_local,my_arc", "--resume")["stored"] == 0
+    (yamls / "my_arc.yaml").write_text(source.replace('doc_to_text: "Question:', 'doc_to_text: "Q:'))
+    assert run("my_arc,piqa_local", "--resume")["stored"] == 0

@@ -192,3 +192,14 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     with pytest.raises(DataError, match=f"cannot reach the hub for baber/piqa; set {ENV}"):
         load("piqa", "baber/piqa")
+
+
+def test_a_task_named_beside_its_group_is_one_clear_error(tmp_path, local_data):
+    from lm_eval_layers.errors import TaskError
+    from lm_eval_layers.task_suite import load_tasks, task_manager
+
+    (tmp_path / "group.yaml").write_text("group: my_arc_group\ntask:\n  - arc_easy_local\n")
+    manager = task_manager(tmp_path)
+    with pytest.raises(TaskError, match="Duplicate task 'arc_easy_local'.*name each task once"):
+        load_tasks(manager, ["arc_easy_local", "my_arc_group"])
+    assert list(load_tasks(manager, ["my_arc_group"])) == ["arc_easy_local"]

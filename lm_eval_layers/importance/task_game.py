@@ -18,11 +18,12 @@ from lm_eval_layers.importance.store import Store
 from lm_eval_layers.plan import LayerPlan, Slot
 
 
-def check_metric(scores: dict[str, Columns], metric: str, option: str = "--metric") -> None:
-    """Refuse a metric some task does not report, naming the ones every task does."""
+def check_metric(scores: dict[str, Columns], metric: str, option: str = "--metric",
+                 allowed: tuple[str, ...] = tuple(m.value for m in Metric)) -> None:
+    """Refuse a metric some task does not report, naming the `allowed` ones every task does."""
     missing = [task for task, columns in scores.items() if metric not in columns]
     if missing:
-        common = [m.value for m in Metric if all(m.value in columns for columns in scores.values())]
+        common = [m for m in allowed if all(m in columns for columns in scores.values())]
         raise UsageError(f"{option} {metric} is not reported by {', '.join(missing)}; "
                          + (f"use {' or '.join(common)}" if common else "choose other tasks"))
 

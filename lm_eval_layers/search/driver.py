@@ -115,14 +115,16 @@ def check_store(settings: SearchSettings) -> None:
                          "or choose another --out")
 
 
-def store_context(settings: SearchSettings, calibration: dict[str, Any]) -> dict[str, Any]:
+def store_context(settings: SearchSettings, calibration: dict[str, Any], engine: Any) -> dict[str, Any]:
     """What a stored evaluation answers for: model files, calibration, objective, dtype, unit
-    (and for a task objective the tasks and documents per task)."""
+    (and for a task objective the tasks in order, documents per task, and the tasks' configs and
+    documents: an edited task YAML or other data is never answered from the store)."""
     from lm_eval_layers.default_model import resolve_alias
     from lm_eval_layers.identity import model_identity
 
     path, gguf = resolve_alias(settings.model, None)
-    tasks = {"tasks": sorted(settings.task_names), "limit": settings.limit} if settings.objective.on_tasks else {}
+    tasks = ({"tasks": settings.task_names, "limit": settings.limit, "task_identity": engine.identity}
+             if settings.objective.on_tasks else {})
     return {"model": model_identity(str(path), gguf_file=gguf), "calibration": calibration,
             "objective": settings.objective.value, "dtype": settings.dtype.value, "unit": settings.unit.value, **tasks}
 
@@ -166,7 +168,7 @@ def engines(settings: SearchSettings, windows: torch.Tensor, manager: Any, progr
     tasks, objective = settings.task_names, settings.objective.value
     engine = TaskEngine(lm, Evaluator(lm, tasks, manager, settings.limit), objective, windows, settings.batch_size)
     screen = None
-    if evolve and (settings.limit is None or settings.screen < settings.limit):
+    if evolve and settings.screen < max(engine.sizes.values()):  # fewer documents than some task has
         screen = TaskEngine(lm, Evaluator(lm, tasks, manager, settings.screen), objective, windows, settings.batch_size)
     return lm.model, engine, screen
 
@@ -212,7 +214,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     calibration_key = {"sha256": calibration.sha256, "windows": count, "tokens": tokens, "seed": settings.seed}
     if rank == 0 and settings.store_path.exists() and not settings.resume:  # --force: start afresh
         settings.store_path.unlink()
-    store = Store(settings.store_path if rank == 0 else None, store_context(settings, calibration_key))
+    store = Store(settings.store_path if rank == 0 else None, store_context(settings, calibration_key, engine))
     problem = Problem(engine, candidates, sizes, total, budget, model.config.model_type, settings.seed, store, screen)
     steps = run_method(settings, problem, progress)
     distributed.finish(world)
@@ -237,7 +239,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
         "block_passes": problem.block_passes, "processes": world,
         "evaluations": evaluation_counts(problem),
         **({"evolve": {"generations": settings.generations, "offspring": settings.offspring,
-                       "survivors": settings.survivors, "screen": problem.screen_engine.windows if problem.screen_engine else None}}
+                       "survivors": settings.survivors, "screen": settings.screen if problem.screen_engine else None}}
            if settings.method_name == "evolve" else {}),
         # what SLEB's loop as written costs for the same removals: every candidate runs the whole stack
         "as_written_block_passes": sleb if settings.unit == SearchUnit.block and settings.beam == 1 else None,

@@ -81,6 +81,14 @@ class CalibrationEngine:
         self.boundaries = {k: v for k, v in self.boundaries.items() if k <= start}
         return self._rebase(plan, start)
 
+    def start_from(self, plan: LayerPlan) -> None:
+        """Make `plan` the reference the next candidates run from."""
+        self.rebase(plan)
+
+    def calibration_pass(self) -> None:
+        """Count one pass of the whole stack over the windows (a ranking's forward pass)."""
+        self.block_passes += self.num_layers
+
     def _rebase(self, plan: LayerPlan, start: int, keep_last: bool = False) -> torch.Tensor:
         last = min(len(plan.slots), start + 1 + self.max_boundaries)
         captured: dict[int, list[torch.Tensor]] = {k: [] for k in range(start + 1, last)}

@@ -6,12 +6,15 @@ A removal set is keyed in stack order ("3,7", "attn.4,mlp.4"; "" is the full mod
 the windows it was scored on ("full:" or "screen4:"), so screening scores never stand in for full
 ones. The store's context (model files, calibration, objective, dtype, unit) is the caller's.
 The engine is re-based to a candidate's reference only when the candidate must be computed: a
-resumed search whose candidates are all stored runs no block at all.
+resumed search whose candidates are all stored runs no block beyond the engines' own start (none
+on calibration text; the full model's pass over the prepared requests for a task objective).
 
 Under `torchrun` (`distributed.py`), `score_all` splits the sets a step needs and has not
 stored across the processes (every W-th; each holds a replica of the model and its own engine);
 every process then receives every score from rank 0, so all take the same decision, and rank
-0's store keeps them. Block passes count the work of every process.
+0's store keeps them. Block passes count the split work of every process; what each process
+repeats (the full model's pass, the rankings of `last`, `bi`, `angular` and `scores:FILE`, which
+do not split) is counted once.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class Evaluations:
         if reference is not None and set_key(reference) == set_key(removed):
             return self.engine.rebase(self.plan(removed))
         if reference is not None:
-            self.engine.rebase(self.plan(reference))
+            self.engine.start_from(self.plan(reference))
         return self.engine.score(self.plan(removed))
 
     def _keep(self, key: str, scores: torch.Tensor) -> torch.Tensor:

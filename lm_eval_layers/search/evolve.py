@@ -66,7 +66,7 @@ def evolve(problem: Problem, generations: int, offspring: int, survivors: int,
     screen = problem.screening or full
     start, rng = time.perf_counter(), np.random.default_rng(problem.seed)
     parent = start_set(problem)
-    parent_scores = full.score(parent, reference=parent)
+    (parent_scores,) = full.score_all([(parent, parent)])  # under torchrun: rank 0's, on every rank
     seen, evaluated = {set_key(parent)}, 1
     steps = [Step(parent, problem.per_token(parent_scores), None, None, problem.block_passes,
                   time.perf_counter() - start, problem.kept(parent), generation=0, evaluations=evaluated)]

@@ -149,7 +149,7 @@ def block_influence_order(problem: Problem) -> list[Unit]:
     from lm_eval_layers.similarity import block_similarity
 
     bi = block_similarity(problem.engine.model, problem.engine.batches)["bi"]
-    problem.engine.block_passes += problem.engine.num_layers
+    problem.engine.calibration_pass()
     return sorted(problem.candidates, key=lambda u: (bi[int(u)], int(u)))
 
 
@@ -167,7 +167,7 @@ def angular(problem: Problem, progress: Progress = lambda *a: None) -> list[Step
     budget is removed in one step."""
     engine, start = problem.engine, time.perf_counter()
     states = _last_token_states(engine)  # [L + 1, windows, d]: h_0 … h_L
-    engine.block_passes += engine.num_layers
+    engine.calibration_pass()
     removable = set(problem.candidates)
     for n in range(1, len(problem.candidates) + 1):
         runs = [list(range(l, l + n)) for l in range(engine.num_layers - n + 1) if removable.issuperset(range(l, l + n))]

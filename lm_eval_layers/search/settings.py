@@ -83,7 +83,7 @@ class SearchSettings:
                              f"loglik, or leave them out for --objective {self.objective.value}")
         if self.tasks is not None and not task_names(self.tasks):
             raise UsageError(f"--tasks is empty; name at least one task, e.g. --tasks {DEFAULT_TASK}")
-        if self.limit is not None and self.limit < 1:
+        if self.objective.on_tasks and self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit {self.limit}: give at least 1 document per task")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")

@@ -10,7 +10,8 @@ document i of task t (one of T tasks with n_t documents), the score is
 
 so a plan's scores sum to the mean over tasks of the mean error (`positions` is 1), and a
 step's margin is bootstrapped over documents as it is over windows on calibration text.
-Block passes count one block over every prepared request as 1.
+Block passes count one block over every prepared request as 1 (a ranking's pass over the
+calibration windows as its share of those tokens).
 
 The calibration windows stay with the engine: `bi` and `angular` rank blocks on them, and the
 ranked plans are then scored on the tasks.
@@ -44,12 +45,14 @@ class TaskEngine:
         self.batches = [b.to(device) for b in calibration.split(batch_size)]
         self.block_passes = float(self.num_layers)  # the full model's pass that prepared requests cache
         full = evaluator.evaluate(LayerPlan.identity(self.num_layers)).examples
-        check_metric(full, objective, "--objective")  # a task without the metric is refused before any search
+        check_metric(full, objective, "--objective", TASK_OBJECTIVES)  # a task without the metric is refused before any search
         self.sizes = {task: len(columns[objective]) for task, columns in full.items()}
         self.windows = sum(self.sizes.values())  # documents: what a margin is bootstrapped over
         self.positions = 1
         self.full_scores = self._errors(full)
         self.reference, self.reference_scores = LayerPlan.identity(self.num_layers), self.full_scores
+        prepared = evaluator.engine.prepared.tokens if evaluator.engine is not None else calibration.numel()
+        self.calibration_share = calibration.numel() / prepared  # a calibration pass, in this engine's unit
 
     def _errors(self, examples: dict[str, dict[str, list[float]]]) -> torch.Tensor:
         parts = []
@@ -66,9 +69,26 @@ class TaskEngine:
         self.block_passes += engine.blocks_run if engine is not None else len(plan.slots)
         return self._errors(examples)
 
+    @property
+    def identity(self) -> str:
+        """What the scores answer for besides the model: each task's config (prompts, splits,
+        metrics, loader) and its documents, in the order given."""
+        from lm_eval_layers.identity import digest
+
+        docs = self.evaluator.engine.prepared.docs if self.evaluator.engine is not None else {}
+        return digest({"order": list(self.sizes), "docs": docs,
+                       "configs": {name: task.dump_config() for name, task in self.evaluator.tasks.items()}})
+
+    def start_from(self, plan: LayerPlan) -> None:
+        """Nothing to do: variants start from the full model's cached prefix whatever the reference."""
+
+    def calibration_pass(self) -> None:
+        """Count a ranking's pass of the whole stack over the calibration windows, scaled to one
+        block over every prepared request = 1."""
+        self.block_passes += self.num_layers * self.calibration_share
+
     def rebase(self, plan: LayerPlan) -> torch.Tensor:
-        """`plan`'s scores, run once per reference: variants start from the full model's cached
-        prefix whatever the reference, so re-basing is scoring."""
+        """`plan`'s scores, run once per reference (re-basing is scoring here)."""
         if plan != self.reference:
             self.reference, self.reference_scores = plan, self.score(plan)
         return self.reference_scores
