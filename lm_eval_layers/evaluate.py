@@ -56,6 +56,17 @@ class Evaluator:
         except UnsupportedTask as e:
             self.fallback = str(e)
 
+    @property
+    def identity(self) -> str:
+        """What a stored score answers for besides the model: each task's config (prompts, splits,
+        metrics, loader) and the documents evaluated (prepared path), so an edited task YAML or
+        other data is never answered from a store."""
+        from lm_eval_layers.identity import digest
+
+        docs = self.engine.prepared.docs if self.engine is not None else {}
+        return digest({"limit": self.limit, "docs": docs,
+                       "configs": {name: task.dump_config() for name, task in self.tasks.items()}})
+
     def evaluate(self, plan: LayerPlan | PlanSpec, name: str = "", log_samples: bool = False) -> VariantResult:
         """One variant's metrics and columns (`log_samples`: keep lm-eval's samples, own loop only)."""
         if isinstance(plan, PlanSpec):

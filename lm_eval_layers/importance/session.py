@@ -160,6 +160,8 @@ def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Pr
         manager = task_manager(settings.include_path)
     progress.stage("preparing requests and caching the full model's hidden states")
     evaluator = Evaluator(lm, settings.task_names, manager, settings.limit)
+    if store is not None:
+        store = store.within({"task_identity": evaluator.identity})
     if evaluator.fallback:
         progress.note(f"lm-eval's own loop for every variant: {evaluator.fallback}")
     game = TaskGame(lambda plan: evaluator.evaluate(plan).examples, header["num_layers"], unit, metric,

@@ -1,8 +1,9 @@
 """The SQLite store of evaluated coalitions: each one's per-example columns, committed as soon
 as it is measured, so runs resume, budgets extend, and any metric reuses them.
 
-A row answers only for its context (model files, dtype, tasks, document limit, unit): a store
-written for another model or task set is never read back for this one. The file is created by
+A row answers only for its context (model files, dtype, tasks, document limit, unit, and the
+tasks' configs and documents): a store written for another model, task set or edited task YAML
+is never read back for this one. The file is created by
 the first evaluation it keeps, so a run refused before any evaluation leaves none behind.
 """
 
@@ -22,6 +23,11 @@ class Store:
         self.path = path
         self.context = json.dumps(context, sort_keys=True)
         self._db: sqlite3.Connection | None = None
+
+    def within(self, extra: dict[str, Any]) -> "Store":
+        """The same file, answering only for this context narrowed by `extra` (known later, e.g.
+        the tasks' configs once they are loaded)."""
+        return Store(self.path, {**json.loads(self.context), **extra})
 
     def _open(self, create: bool) -> sqlite3.Connection | None:
         if self._db is None and (create or self.path is None or self.path.exists()):

@@ -123,7 +123,7 @@ def store_context(settings: SearchSettings, calibration: dict[str, Any], engine:
     from lm_eval_layers.identity import model_identity
 
     path, gguf = resolve_alias(settings.model, None)
-    tasks = ({"tasks": settings.task_names, "limit": settings.limit, "task_identity": engine.identity}
+    tasks = ({"tasks": settings.task_names, "limit": settings.limit, "task_identity": engine.evaluator.identity}
              if settings.objective.on_tasks else {})
     return {"model": model_identity(str(path), gguf_file=gguf), "calibration": calibration,
             "objective": settings.objective.value, "dtype": settings.dtype.value, "unit": settings.unit.value, **tasks}

@@ -69,16 +69,6 @@ class TaskEngine:
         self.block_passes += engine.blocks_run if engine is not None else len(plan.slots)
         return self._errors(examples)
 
-    @property
-    def identity(self) -> str:
-        """What the scores answer for besides the model: each task's config (prompts, splits,
-        metrics, loader) and its documents, in the order given."""
-        from lm_eval_layers.identity import digest
-
-        docs = self.evaluator.engine.prepared.docs if self.evaluator.engine is not None else {}
-        return digest({"order": list(self.sizes), "docs": docs,
-                       "configs": {name: task.dump_config() for name, task in self.evaluator.tasks.items()}})
-
     def start_from(self, plan: LayerPlan) -> None:
         """Nothing to do: variants start from the full model's cached prefix whatever the reference."""
 
