@@ -49,7 +49,7 @@ def split_text(work: Path) -> tuple[Path, str]:
     return calibration, text[half:]
 
 
-PREFIX_METHODS = ("greedy", "last", "bi")  # a run to K removals holds every smaller K in its steps
+PREFIX_METHODS = ("greedy", "beam", "last", "bi")  # a run to K removals holds every smaller K in its steps
 
 
 def bootstrap_ci(values: list[float], seed: int = 0, draws: int = 1000) -> list[float]:
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/search-bench"))
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--methods", nargs="+", default=["greedy", "beam:2", "last", "bi", "angular", "evolve"])
+    parser.add_argument("--methods", nargs="*", default=["greedy", "beam:2", "last", "bi", "angular", "evolve"])
     parser.add_argument("--halves", action="store_true", help="also greedy over attention/MLP halves at each K's parameter share")
     parser.add_argument("--objective", default="nll")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"{run['method']} K={run['k']} seed={run['seed']}: removed {run['removed']}, held-out ppl "
               f"{run['heldout_ppl']:.2f}, acc {run['acc']}, {run['block_passes']:.0f} block passes", flush=True)
 
-    jobs = [(m, "block", [max(args.k)] if m in PREFIX_METHODS else args.k) for m in args.methods]
+    jobs = [(m, "block", [max(args.k)] if m.partition(':')[0] in PREFIX_METHODS else args.k) for m in args.methods]
     jobs += [("greedy", "halves", [max(args.k)])] if args.halves else []
     for seed in args.seeds:  # every method on one seed's windows before the next seed
         for method, unit, ks in jobs if seed == args.seeds[0] else [j for j in jobs if j[0] != "last"]:
@@ -129,9 +129,9 @@ def main() -> None:
                 steps = doc["steps"]
                 # a prefix method's run to K holds each smaller K's answer in its steps (the same the
                 # shorter run would give); halves: the first step within that K's parameter share
-                wanted = [x for x in args.k if x <= k] if method in PREFIX_METHODS else [k]
+                wanted = [x for x in args.k if x <= k] if method.partition(':')[0] in PREFIX_METHODS else [k]
                 for want in wanted:
-                    if unit == "block" and method in PREFIX_METHODS:
+                    if unit == "block" and method.partition(':')[0] in PREFIX_METHODS:
                         step = steps[want - 1]
                     elif unit == "halves":
                         step = next(s for s in steps if s["params"] <= (1 - want * block / total) * total)
