@@ -2,10 +2,14 @@
 attention and MLP branches, the branches' output projections, and the config fields that count
 or describe layers.
 
-Adding a family is one `Layout` line in `ARCHITECTURES`. A model whose `model_type` is not listed
-still works when one of the known layouts matches its module tree (most Llama-style models do).
-Mixture-of-experts blocks are dropped, copied and zeroed like dense ones (every expert's output
-projection is an output projection) but never averaged: two blocks' experts do not correspond.
+The table holds what cannot be found from a loaded model (tensor names on disk that differ from
+the names in memory, residual adds inside branches). Everything else is found from the module
+tree (`discover`): the decoder's list of blocks (a multimodal wrapper's language model), each
+block's token mixer (attention, Mamba, linear attention) and MLP, and every projection through
+which a block writes the residual stream (shared experts and dense MLPs beside the experts
+included). What is found is proven where it is used: a block said to be the identity is run on a
+probe input (`lm_eval_layers.probe`). Mixture-of-experts blocks are dropped, copied and zeroed like
+dense ones but never averaged: two blocks' experts do not correspond.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from lm_eval_layers.errors import PlanError, UnsupportedArchitecture
@@ -23,7 +28,18 @@ if TYPE_CHECKING:
     from lm_eval_layers.plan import LayerPlan
 
 
-COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # the names transformers configs count blocks by
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # the names transformers configs count blocks by
+
+# Attribute names of a block's token-mixing branch (attention, state-space, linear attention) and of
+# its MLP branch, in the order they are looked for.
+MIXER_NAMES = ("self_attn", "attn", "attention", "self_attention", "mamba", "mixer", "linear_attn",
+               "temporal_block", "conv", "token_mixer")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe", "mlp_block", "channel_mix")
+# Leaf names of projections that write a branch's result (output dim = hidden size).
+OUTPUT_LEAVES = frozenset({
+    "o_proj", "out_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "w2", "fc2", "fc_out", "wo",
+    "output_proj", "proj_out", "linear_2", "output_linear", "out", "down",
+})
 
 
 @dataclass(frozen=True)
@@ -40,10 +56,11 @@ class Layout:
     blocks: str  # dotted path to the nn.ModuleList of decoder blocks
     attn: str  # attribute of a block holding the attention branch
     mlp: str | None  # attribute holding the MLP branch (None: not a submodule, e.g. OPT)
-    attn_out: str  # the attention branch's output projection
+    attn_out: tuple[str, ...]  # every tensor through which the token mixer writes the residual stream
     mlp_out: tuple[str, ...]  # every tensor through which the MLP branch writes the residual stream
     layer_count: str = "num_hidden_layers"  # config.json key counting the blocks
     per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
+    other_out: tuple[str, ...] = ()  # writers outside both branches (zeroed only with the whole block)
     residual_inside: bool = False  # branches add the residual themselves: branch(x, residual)
     experts: bool = False  # the MLP is a mixture of experts: two blocks' experts do not align
     dense_blocks: str | None = None  # config list of blocks with a dense MLP among MoE ones (Qwen-MoE)
@@ -63,8 +80,15 @@ class Layout:
     def is_output(self, name: str, attn: bool = True, mlp: bool = True) -> bool:
         """Does tensor `name` (relative to a block) write the attention / MLP branch into the
         residual stream? Zeroing all such tensors of a branch silences it (`*-zero` inserts)."""
-        patterns = ((self.attn_out,) if attn else ()) + (self.mlp_out if mlp else ())
+        patterns = (self.attn_out if attn else ()) + (self.mlp_out if mlp else ()) + (self.other_out if attn and mlp else ())
         return any(_pattern(p).match(name) for p in patterns)
+
+    def branch(self, block: nn.Module, kind: str) -> str | None:
+        """The attribute of `block` holding its token mixer (`attn`) or MLP (`mlp`): the family's
+        own name first; hybrid stacks name the mixer differently from block to block."""
+        own, names = (self.attn, MIXER_NAMES) if kind == "attn" else (self.mlp, MLP_NAMES)
+        children = dict(block.named_children())
+        return next((n for n in (own, *names) if n and isinstance(children.get(n), nn.Module)), None)
 
     def check(self, plan: "LayerPlan") -> None:
         """Refuse what this family cannot build, before any weight is touched."""
@@ -92,46 +116,33 @@ class Layout:
         blocks = getattr(parent, name, None)
         return blocks if isinstance(blocks, nn.ModuleList) else None
 
-    def matches(self, model: nn.Module) -> bool:
-        blocks = self.find_blocks(model)
-        if blocks is None or len(blocks) == 0:
-            return False
-        block = blocks[0]
-        modules = dict(block.named_modules())
-        tensors = [name for name, _ in block.named_parameters()]
-        return (
-            all(m in modules for m in (self.attn, self.mlp) if m)
-            and any(self.is_output(t, mlp=False) for t in tensors)
-            and any(self.is_output(t, attn=False) for t in tensors)
-        )
-
 
 @functools.lru_cache(maxsize=None)
 def _pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(re.escape(pattern).replace(r"\*", r"\d+") + r"(\..+)?$")
 
 
-LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp", "self_attn.o_proj", ("mlp.down_proj",))
-STARCODER2 = Layout("model.layers", "self_attn", "mlp", "self_attn.o_proj", ("mlp.c_proj",))
+LLAMA_LIKE = Layout("model.layers", "self_attn", "mlp", ("self_attn.o_proj",), ("mlp.down_proj",))
+STARCODER2 = Layout("model.layers", "self_attn", "mlp", ("self_attn.o_proj",), ("mlp.c_proj",))
 # Mixture-of-experts MLPs: fused experts in memory, one tensor per expert in hub checkpoints, a
 # shared expert (Qwen2-MoE), and dense MLPs in the blocks a Qwen-MoE config lists as mlp_only.
 MOE = Layout(
-    "model.layers", "self_attn", "mlp", "self_attn.o_proj",
+    "model.layers", "self_attn", "mlp", ("self_attn.o_proj",),
     ("mlp.experts.down_proj", "mlp.experts.*.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
     experts=True, dense_blocks="mlp_only_layers",
 )
 MIXTRAL = Layout(  # hub checkpoints name the MLP block_sparse_moe and the experts' projections w1/w2/w3
-    "model.layers", "self_attn", "mlp", "self_attn.o_proj",
+    "model.layers", "self_attn", "mlp", ("self_attn.o_proj",),
     ("mlp.experts.down_proj", "block_sparse_moe.experts.*.w2"), experts=True,
 )
-GPT2 = Layout("transformer.h", "attn", "mlp", "attn.c_proj", ("mlp.c_proj",), layer_count="n_layer", conv1d=True)
-GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", "attention.dense", ("mlp.dense_4h_to_h",))
-FALCON = Layout("transformer.h", "self_attention", "mlp", "self_attention.dense", ("mlp.dense_4h_to_h",))
+GPT2 = Layout("transformer.h", "attn", "mlp", ("attn.c_proj",), ("mlp.c_proj",), layer_count="n_layer", conv1d=True)
+GPT_NEOX = Layout("gpt_neox.layers", "attention", "mlp", ("attention.dense",), ("mlp.dense_4h_to_h",))
+FALCON = Layout("transformer.h", "self_attention", "mlp", ("self_attention.dense",), ("mlp.dense_4h_to_h",))
 BLOOM = Layout(
-    "transformer.h", "self_attention", "mlp", "self_attention.dense", ("mlp.dense_4h_to_h",),
+    "transformer.h", "self_attention", "mlp", ("self_attention.dense",), ("mlp.dense_4h_to_h",),
     layer_count="n_layer", residual_inside=True,
 )
-OPT = Layout("model.decoder.layers", "self_attn", None, "self_attn.out_proj", ("fc2",))
+OPT = Layout("model.decoder.layers", "self_attn", None, ("self_attn.out_proj",), ("fc2",))
 
 ARCHITECTURES: dict[str, Layout] = {
     **{
@@ -150,7 +161,6 @@ ARCHITECTURES: dict[str, Layout] = {
     "bloom": BLOOM,
     "opt": OPT,
 }
-_KNOWN_LAYOUTS = tuple(dict.fromkeys(ARCHITECTURES.values()))
 
 
 # Submodules that normalise the MLP branch's output before it joins the residual stream (Gemma 2/3,
@@ -208,19 +218,125 @@ def check_plan(plan: "LayerPlan", config: Any) -> None:
 
 
 def layout_for(model: nn.Module) -> Layout:
-    """The layout of a loaded model: by model_type, else the first known layout that fits."""
+    """The layout of a loaded model (or a weightless one): the table's facts for its family where it
+    has a line, completed from the module tree (`discover`)."""
     model_type = getattr(text_config(model.config), "model_type", None)
-    layout = ARCHITECTURES.get(model_type)
-    if layout is not None and layout.matches(model):
-        return layout
-    for candidate in _KNOWN_LAYOUTS:
-        if candidate.matches(model):
-            return candidate
-    raise UnsupportedArchitecture(
-        f"architecture {model_type!r} ({type(model).__name__}) is not supported: its decoder blocks, "
-        "attention/MLP branches or output projections are not where any known layout puts them; add a "
-        f"Layout for {model_type!r} to ARCHITECTURES in lm_eval_layers/arch.py"
+    table = ARCHITECTURES.get(model_type)
+    return discover(model, table if table is not None and table.find_blocks(model) is not None else None)
+
+
+# Module-tree parts that are never the decoder stack of a causal LM (towers of multimodal wrappers).
+_NOT_DECODER = re.compile(r"(^|\.)(vision|visual|audio|image|vit|speech|encoder|vision_tower|vision_model|audio_tower)[^.]*(\.|$)")
+
+
+def _block_path(model: nn.Module) -> str | None:
+    """Dotted path of the decoder's block list: a ModuleList as long as the text config's depth,
+    outside any vision or audio tower, the language model's first."""
+    try:
+        depth = num_layers(model.config)
+    except UnsupportedArchitecture:
+        depth = None
+    found = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (depth is None or len(module) == depth)
+        and not _NOT_DECODER.search(name)
+    ]
+    found.sort(key=lambda n: ("language_model" not in n, n.count("."), n))
+    return found[0] if found else None
+
+
+def _out_dim(module: nn.Module, param: torch.Tensor) -> tuple[int, ...]:
+    """The sizes a parameter may write (its output dimension; fused expert tensors: either of their last two)."""
+    if param.dim() == 1:
+        return (param.shape[0],)
+    if param.dim() >= 3:
+        return tuple(param.shape[-2:])
+    return (param.shape[1],) if type(module).__name__ == "Conv1D" else (param.shape[0],)
+
+
+def _writers(block: nn.Module, hidden: int) -> list[tuple[str, str]]:
+    """(pattern, first path component) of every projection in `block` that writes a vector of the
+    hidden size and is named like an output projection; digits become `*`, and a fused experts
+    tensor (`experts.down_proj`) also matches the per-expert names checkpoints store."""
+    out = []
+    for name, param in block.named_parameters():
+        parts = name.split(".")
+        path = parts[:-1] if parts[-1] in ("weight", "bias") else parts
+        if not path or path[-1] not in OUTPUT_LEAVES:
+            continue
+        owner = block.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else block
+        if hidden not in _out_dim(owner, param):
+            continue
+        pattern = ".".join("*" if p.isdigit() else p for p in path)
+        out.append((pattern, path[0]))
+        if parts[-1] not in ("weight", "bias") and len(path) > 1 and path[-2] == "experts":
+            out.append((".".join([*path[:-1], "*", path[-1]]), path[0]))
+    return out
+
+
+def discover(model: nn.Module, base: Layout | None = None) -> Layout:
+    """The layout found from the module tree, with the table's facts (`base`) kept and its output
+    projections completed by the ones found."""
+    path = base.blocks if base is not None else _block_path(model)
+    if path is None:
+        model_type = getattr(text_config(model.config), "model_type", None)
+        raise UnsupportedArchitecture(
+            f"architecture {model_type!r} ({type(model).__name__}) is not supported: no list of decoder blocks as long as "
+            "its config's layer count was found in the model"
+        )
+    probe = Layout(path, base.attn if base else "", base.mlp if base else None, (), ())
+    blocks = probe.find_blocks(model)
+    assert blocks is not None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    hidden = weight.shape[-1] if weight is not None else getattr(text_config(model.config), "hidden_size", None)
+    attn_names = [probe.branch(b, "attn") for b in blocks]
+    mlp_names = [probe.branch(b, "mlp") for b in blocks]
+    outs: dict[str, list[str]] = {"attn": list(base.attn_out) if base else [], "mlp": list(base.mlp_out) if base else [], "other": []}
+    for block, attn, mlp in zip(blocks, attn_names, mlp_names):
+        for pattern, head in _writers(block, hidden):
+            kind = "attn" if head == attn else "mlp" if head == mlp else "other"
+            if pattern not in outs[kind]:
+                outs[kind].append(pattern)
+    count_key = base.layer_count if base else next(
+        (k for k in COUNT_KEYS if isinstance(getattr(text_config(model.config), k, None), int)), "num_hidden_layers")
+    return Layout(
+        path,
+        base.attn if base else next((a for a in attn_names if a), ""),
+        base.mlp if base else next((m for m in mlp_names if m), None),
+        tuple(outs["attn"]), tuple(outs["mlp"]), count_key,
+        base.per_layer if base else ("layer_types",),
+        other_out=tuple(outs["other"]),
+        residual_inside=base.residual_inside if base else False,
+        experts=(base.experts if base else False) or any(".experts." in f".{n}" for b in blocks for n, _ in b.named_parameters()),
+        dense_blocks=base.dense_blocks if base else None,
+        conv1d=(base.conv1d if base else False) or any(type(m).__name__ == "Conv1D" for m in blocks[0].modules()),
     )
+
+
+# Config keys that are lists or index-keyed dicts but never describe layers.
+_NOT_PER_LAYER = frozenset({
+    "architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids", "suppress_tokens",
+    "begin_suppress_tokens", "time_step_limit", "mrope_section", "id2label", "label2id", "image_token_ids",
+    "forced_decoder_ids", "rope_scaling", "rope_parameters", "auto_map",
+})
+# Integer keys counting the leading dense blocks of a mixture-of-experts stack.
+LEADING_DENSE_KEYS = ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index", "first_dense_layers")
+_INDEX_LIST = re.compile(r"(idxs|indices|_ids|_layers|_layer_ids|index_layers)$")
+
+
+def _is_index_list(key: str, value: Any, n: int) -> bool:
+    """A list of block indices (`full_attn_idxs`, `attn_layer_indices`, `mlp_only_layers`), not one entry per block."""
+    if not (_INDEX_LIST.search(key) and isinstance(value, (list, tuple))):
+        return False
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n for v in value)
+    increasing = all(a < b for a, b in zip(value, value[1:]))
+    return ints and increasing and (len(value) != n or list(value) == list(range(n)))
+
+
+def _index_keyed(value: Any, n: int) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        (isinstance(k, int) or (isinstance(k, str) and k.isdigit())) and int(k) < n for k in value)
 
 
 def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, Any]) -> dict[str, Any]:
@@ -228,13 +344,33 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
 
     `values` are the original text-config fields (a config.json dict or a config's attributes);
     used for the in-memory variant and for the config.json that `surgery` writes, so both agree.
+    Whatever its name: a list with one entry per block follows the plan, a list of block indices
+    is renumbered, a dict keyed by block index is rekeyed (its keys' zero padding kept), and a
+    count of leading dense blocks counts them in the new stack. Fields that cannot follow a plan
+    (a pattern computed from the index) are caught by `check_structure` and the identity probe.
     """
+    n = plan.num_layers
     count_key = next((key for key in layout.count_keys if key in values), layout.layer_count)
     updates: dict[str, Any] = {count_key: len(plan.slots)}
-    for key in layout.per_layer:
-        per_layer = values.get(key)
-        if isinstance(per_layer, (list, tuple)) and len(per_layer) == plan.num_layers:
-            updates[key] = [per_layer[slot.source] for slot in plan.slots]
+    for key, value in values.items():
+        if key in updates or key in _NOT_PER_LAYER or key == layout.dense_blocks:
+            continue
+        if _is_index_list(key, value, n):
+            updates[key] = [k for k, slot in enumerate(plan.slots) if slot.source in set(value)]
+        elif isinstance(value, (list, tuple)) and len(value) == n and n > 1:
+            updates[key] = [value[slot.source] for slot in plan.slots]
+        elif _index_keyed(value, n):
+            width = max(len(str(k)) for k in value)
+            by_index = {int(k): v for k, v in value.items()}
+            as_str = isinstance(next(iter(value)), str)
+            updates[key] = {
+                (str(k).zfill(width) if as_str else k): by_index[slot.source]
+                for k, slot in enumerate(plan.slots) if slot.source in by_index
+            }
+    for key in LEADING_DENSE_KEYS:
+        lead = values.get(key)
+        if isinstance(lead, int) and not isinstance(lead, bool):
+            updates[key] = sum(1 for _ in _prefix(plan, lead))
     window_layers = values.get("max_window_layers")
     if isinstance(window_layers, int) and not isinstance(window_layers, bool):
         # Qwen2: blocks below max_window_layers use full attention; count them in the new stack.
@@ -249,3 +385,42 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
         if "decoder_sparse_step" in values:
             updates["decoder_sparse_step"] = 1
     return updates
+
+
+def _prefix(plan: "LayerPlan", lead: int):
+    """The new stack's leading slots that come from the original's first `lead` blocks."""
+    for slot in plan.slots:
+        if slot.source >= lead:
+            return
+        yield slot
+
+
+def computed_layer_fields(config: Any) -> dict[str, list[Any]]:
+    """Per-layer lists a config *computes* (properties, e.g. Jamba's `layers_block_type` from
+    `attn_layer_period`/`offset`): no stored field to cut, so a plan may silently move them."""
+    import inspect
+
+    n = num_layers(config)
+    out: dict[str, list[Any]] = {}
+    for name in dir(type(config)):
+        if name.startswith("_") or not isinstance(inspect.getattr_static(type(config), name, None), property):
+            continue
+        try:
+            value = getattr(config, name)
+        except Exception:  # noqa: BLE001 - a property that cannot be read says nothing about layers
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            out[name] = list(value)
+    return out
+
+
+def computed_mismatch(config: Any, plan: "LayerPlan", updates: dict[str, Any]) -> dict[str, list[Any]]:
+    """The computed per-layer lists that a config with `updates` gets wrong for `plan`'s stack:
+    name -> the list the stack needs."""
+    before = computed_layer_fields(config)
+    if not before:
+        return {}
+    after_config = type(config).from_dict({**config.to_dict(), **updates})
+    after = computed_layer_fields(after_config)
+    needed = {name: [values[s.source] for s in plan.slots] for name, values in before.items()}
+    return {name: want for name, want in needed.items() if after.get(name) != want}

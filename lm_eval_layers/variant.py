@@ -15,48 +15,66 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_layers.arch import Layout, layer_config_updates, layout_for, text_config
+from lm_eval_layers.arch import Layout, computed_mismatch, layer_config_updates, layout_for, text_config
+from lm_eval_layers import probe
 from lm_eval_layers.plan import LayerPlan, PlanError, Slot
 from lm_eval_layers.recipes import synthesize
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _branch_output(hidden_states: torch.Tensor, args: tuple, residual_inside: bool) -> torch.Tensor:
-    """What a removed branch returns: nothing to add, or the residual where the branch adds it."""
-    return args[0] if residual_inside else torch.zeros_like(hidden_states)
+class _Skipped(nn.Module):
+    """A removed branch: adds nothing to the residual stream and computes nothing.
 
-
-class SkippedAttention(nn.Module):
-    """A removed attention branch: adds nothing to the residual stream and computes nothing.
-
-    It still records the tokens in its KV-cache entry (one-wide zero keys: a zero-width entry
-    would count as empty), because transformers reads the past length from cache layer 0.
+    Its output has the shape of the branch it replaces (a tensor, or a tuple whose first item is
+    the branch's output: attention weights, router logits, … are None), learned once by calling
+    the replaced branch on the first input, which is the identity probe's (no cache).
     """
 
-    def __init__(self, residual_inside: bool = False) -> None:
+    def __init__(self, replaced: nn.Module, residual_inside: bool = False) -> None:
         super().__init__()
-        self.layer_idx = 0
+        self._replaced = (replaced,)  # a tuple: not a submodule, so its parameters are not the slot's
+        self._arity: int | None = None  # None: not learned; 0: a tensor; n: a tuple of n
         self.residual_inside = residual_inside
+
+    def _output(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self._arity is None:
+            with torch.no_grad():
+                out = self._replaced[0](hidden_states, *args, **kwargs)
+            self._arity = len(out) if isinstance(out, (tuple, list)) else 0
+        zero = args[0] if self.residual_inside else torch.zeros_like(hidden_states)
+        return zero if self._arity == 0 else (zero, *(None,) * (self._arity - 1))
+
+
+class SkippedAttention(_Skipped):
+    """A removed attention branch (or a hybrid's state-space / linear-attention mixer).
+
+    An attention branch still records the tokens in its KV-cache entry (one-wide zero keys: a
+    zero-width entry would count as empty), because transformers reads the past length from
+    cache layer 0."""
+
+    def __init__(self, replaced: nn.Module, residual_inside: bool = False, records_cache: bool = True) -> None:
+        super().__init__(replaced, residual_inside)
+        self.layer_idx = 0
+        self.records_cache = records_cache
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-        if cache is not None and hasattr(cache, "update"):
+        if self._arity is not None and self.records_cache and cache is not None and hasattr(cache, "update"):
             batch, length = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, length, 1)
             cache.update(placeholder, placeholder, self.layer_idx)
-        return _branch_output(hidden_states, args, self.residual_inside), None
+        return self._output(hidden_states, args, kwargs)
 
 
-class SkippedMLP(nn.Module):
-    """A removed MLP branch: adds nothing to the residual stream."""
+class SkippedMLP(_Skipped):
+    """A removed MLP branch (dense or mixture of experts)."""
 
-    def __init__(self, residual_inside: bool = False) -> None:
-        super().__init__()
-        self.residual_inside = residual_inside
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self._output(hidden_states, args, kwargs)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _branch_output(hidden_states, args, self.residual_inside)
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")  # mixers that hold a KV cache
 
 
 def clone_structure(module: nn.Module, replace: dict[int, Any] | None = None) -> nn.Module:
@@ -132,12 +150,19 @@ def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int,
     block = clone_structure(source, replace)
     if offloaded:
         _in_memory(block, next(iter(offloaded.values())).device)
-    if slot.drop_attn:
-        setattr(block, layout.attn, SkippedAttention(layout.residual_inside))
-    if slot.drop_mlp:
-        if layout.mlp is None:
-            raise PlanError("drop_mlp is not available for this architecture: its MLP is not a separate module")
-        setattr(block, layout.mlp, SkippedMLP(layout.residual_inside))
+    for kind, gone in (("attn", slot.drop_attn), ("mlp", slot.drop_mlp)):
+        if not gone:
+            continue
+        branch = layout.branch(source, kind)
+        if branch is None:
+            what = "token mixer (attention)" if kind == "attn" else "MLP"
+            raise PlanError(f"drop_{kind}: block {slot.source} has no separate {what} module ({type(source).__name__}); "
+                            "drop the whole block instead")
+        replaced = getattr(block, branch)
+        if kind == "attn":
+            setattr(block, branch, SkippedAttention(replaced, layout.residual_inside, branch in ATTENTION_NAMES))
+        else:
+            setattr(block, branch, SkippedMLP(replaced, layout.residual_inside))
     _set_layer_idx(block, idx)
     return block
 
@@ -175,15 +200,36 @@ class Variant:
         )
         blocks._lm_eval_layers_variant = True
         setattr(parent, name, blocks)
-        for key, value in updates.items():
-            setattr(self._config, key, value)
         self.blocks = blocks
+        family = getattr(self._config, "model_type", type(model).__name__)
+        self._config_class = type(self._config)
+        try:
+            pinned = computed_mismatch(self._config, plan, updates)
+            for key, value in updates.items():
+                try:
+                    setattr(self._config, key, value)
+                except (AttributeError, TypeError, ValueError):
+                    raise PlanError(f"{family}: its config field {key!r} is computed, not stored, so it cannot follow the plan") from None
+            if pinned:  # lists the config computes from the index: stored for this variant instead
+                self._config.__class__ = type(self._config_class.__name__, (self._config_class,), dict.fromkeys(pinned))
+                self._config.__dict__.update(pinned)
+            self._pinned = tuple(pinned)
+            problem = probe.check(model, blocks, plan, self.layout, self.original_blocks, clone_structure, family)
+        except BaseException:
+            self.restore()
+            raise
+        if problem:
+            self.restore()
+            raise PlanError(problem)
 
     def restore(self) -> None:
         """Put the original blocks and config fields back (idempotent)."""
         setattr(self._parent, self._name, self.original_blocks)
         for key, value in self._saved_config.items():
             setattr(self._config, key, value)
+        self._config.__class__ = self._config_class
+        for key in getattr(self, "_pinned", ()):
+            self._config.__dict__.pop(key, None)
 
     def __enter__(self) -> Variant:
         return self

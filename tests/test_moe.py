@@ -90,9 +90,10 @@ def test_averaging_is_one_error_line_from_the_cli_and_nothing_is_written(tmp_pat
 def test_layered_refuses_averaging_before_loading_weights(tmp_path, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from lm_eval_layers.model import LayeredLM
+    from lm_eval_layers.model import LayeredLM, _hf_arguments
 
     make_model("olmoe").save_pretrained(tmp_path / "src")
+    _hf_arguments()  # read hf's signature before it is replaced below (the suite's order must not matter)
     monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(PlanError, match="mixture-of-experts blocks"):
         LayeredLM(pretrained=str(tmp_path / "src"), insert="2:avg", device="cpu")

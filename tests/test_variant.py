@@ -235,16 +235,24 @@ def test_drop_mlp_is_refused_where_the_mlp_is_not_a_module():
     config = T.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=DEPTH, num_attention_heads=4,
                          word_embed_proj_dim=32, max_position_embeddings=64)
     model = T.AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(PlanError, match="drop_mlp is not available"):
+    with pytest.raises(PlanError, match="drop_mlp: block 1 has no separate MLP module"):
         apply_plan(model, plan_of(drop_mlp="1"))
     with apply_plan(model, plan_of(drop="1")):  # whole blocks work
         assert len(layout_for(model).find_blocks(model)) == DEPTH - 1
 
 
-def test_unsupported_architecture_names_itself_and_the_fix():
+def test_a_family_without_a_table_line_is_found_from_its_module_tree():
+    """Mamba has no line in ARCHITECTURES: its blocks, mixer and output projection are found."""
+    config = T.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
+    layout = layout_for(T.AutoModelForCausalLM.from_config(config))
+    assert (layout.blocks, layout.attn, layout.mlp, layout.attn_out) == ("backbone.layers", "mixer", None, ("mixer.out_proj",))
+
+
+def test_a_model_without_a_block_list_of_its_depth_is_refused_naming_itself():
     config = T.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
     model = T.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitecture, match=r"'mamba'.*add a Layout for 'mamba' to ARCHITECTURES"):
+    model.config.num_hidden_layers = 5
+    with pytest.raises(UnsupportedArchitecture, match=r"'mamba' \(MambaForCausalLM\) is not supported: no list of decoder blocks"):
         layout_for(model)
 
 
@@ -261,7 +269,10 @@ def test_unlisted_llama_style_family_is_found_by_inference():
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config).eval()
-    assert "arcee" not in ARCHITECTURES and layout_for(model) == LLAMA_LIKE
+    layout = layout_for(model)
+    assert "arcee" not in ARCHITECTURES
+    assert (layout.blocks, layout.attn, layout.mlp, layout.attn_out, layout.mlp_out) == (
+        LLAMA_LIKE.blocks, LLAMA_LIKE.attn, LLAMA_LIKE.mlp, LLAMA_LIKE.attn_out, LLAMA_LIKE.mlp_out)
     base = logits(model)
     with apply_plan(model, plan_of(insert="2:avg-zero", drop_attn="4")):
         assert not torch.equal(logits(model), base)

@@ -31,6 +31,7 @@ from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.outputs import check_folder, swap_into_place
+from lm_eval_layers.checkpoint.structure import structure_problem
 from lm_eval_layers.checkpoint.safetensors_io import copy_bytes, write_header, write_tensor
 from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model, source_layout
 
@@ -51,13 +52,23 @@ class OutTensor:
 
 
 def block_prefix(names: list[str], layout: Layout) -> str:
-    """The checkpoint's prefix of block tensors (`model.layers.`; some files omit the outer part)."""
+    """The checkpoint's prefix of block tensors: `model.layers.`, a suffix of it (some files omit
+    the outer part), or the same list under another parent (a multimodal wrapper's language model
+    is `model.language_model.layers` in memory and `language_model.model.layers` in older files)."""
     parts = layout.blocks.split(".")
     for start in range(len(parts)):
         prefix = ".".join(parts[start:]) + "."
         if any(n.startswith(prefix + "0.") for n in names):
             return prefix
+    leaf = re.escape(parts[-1])
+    found = sorted({m.group(1) for n in names if (m := re.match(rf"^(.*\b{leaf}\.)0\.", n))})
+    found = [f for f in found if not _TOWER.search(f)]
+    if len(found) == 1:
+        return found[0]
     raise UsageError(f"no block tensors named {layout.blocks}.N.* in the checkpoint; is it a {layout.blocks} model?")
+
+
+_TOWER = re.compile(r"(vision|visual|audio|image|vit|speech|encoder)")
 
 
 def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None,
@@ -164,7 +175,7 @@ def write_weights(
     return files
 
 
-def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> dict:
+def planned_config(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.dtype | None) -> dict:
     """config.json with every layer-describing field made consistent with the plan."""
     config = json.loads(json.dumps(source.config))
     config.pop("_name_or_path", None)  # where the input was read from (a GGUF: site-packages); not this folder
@@ -182,8 +193,11 @@ def write_config(folder: Path, source: Source, plan: LayerPlan, layout: Layout, 
         out_dtype = dtype or next(iter(source.infos.values())).dtype
         config["dtype"] = str(out_dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def write_config(folder: Path, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(folder: Path, source: Source) -> None:
@@ -338,6 +352,10 @@ def write_variant(
     layout = source_layout(source)
     transforms = repair.transforms if repair is not None else None
     tensors = plan_tensors(source, plan, layout, dtype, transforms)
+    config = planned_config(source, plan, layout, dtype)
+    problem = structure_problem(source.hf_config, config, plan, layout)
+    if problem:
+        raise UsageError(problem)
     total = sum(t.info.nbytes for t in tensors)
     diff = None
     with atomic_output(out, source, force, total) as tmp:
@@ -349,7 +367,7 @@ def write_variant(
             progress(done, total)
 
         files = write_weights(tmp, source, layout, tensors, max_shard_size, advance)
-        write_config(tmp, source, plan, layout, dtype)
+        write_config(tmp, config)
         copy_side_files(tmp, source)
         if metadata:
             write_metadata(tmp, Path(out).name, source, plan, layout, command, dtype, repair.report if repair else None)

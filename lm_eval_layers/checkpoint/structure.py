@@ -1,0 +1,45 @@
+"""Will the written config rebuild the plan's stack? Checked from configs and weightless models
+before the first byte is written: transformers builds each block from config.json, and some
+families derive a block's kind from its index or the depth (Jamba's attention period, a count of
+leading dense blocks, a pattern of layer types), which a cut or an insert can silently move."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval_layers.arch import Layout, computed_mismatch, layer_config_updates, text_config
+from lm_eval_layers.plan import LayerPlan
+
+
+def _shapes(block: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in block.named_parameters()}
+
+
+def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, layout: Layout) -> str | None:
+    """Why `config` (the config.json to write) does not rebuild `plan`'s stack from `hf_config`'s
+    blocks, in one line; None when every block comes back with its source's parameters."""
+    from lm_eval_layers.checkpoint.sources import meta_model
+
+    text = text_config(hf_config)
+    family = getattr(text, "model_type", "this family")
+    moved = computed_mismatch(text, plan, layer_config_updates(layout, plan, text.to_dict()))
+    if moved:
+        return (f"{family} computes {', '.join(sorted(moved))} from each block's index, which no config.json field can "
+                "set per block, so a checkpoint cannot hold this plan's stack; evaluate it in memory "
+                "(lm_eval --model layered) or choose a plan that keeps the pattern")
+    try:
+        written = type(hf_config).from_dict(config)
+        after = layout.find_blocks(meta_model(written))
+    except Exception as e:  # noqa: BLE001 - transformers refusing the config is the answer
+        return f"transformers refuses the config this plan would write for {family}: {str(e).splitlines()[0][:200]}"
+    before = layout.find_blocks(meta_model(hf_config))
+    if after is None or before is None or len(after) != len(plan.slots):
+        return f"the config this plan would write for {family} does not build {len(plan.slots)} blocks"
+    for k, slot in enumerate(plan.slots):
+        want, got = _shapes(before[slot.source]), _shapes(after[k])
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or sorted(n for n in want if want[n] != got.get(n))
+            return (f"{family} builds block {k} of the written checkpoint unlike block {slot.source} "
+                    f"(differs in {', '.join(diff[:2])}): its config describes blocks by position in a way this "
+                    "plan breaks; evaluate it in memory (lm_eval --model layered) instead")
+    return None
