@@ -15,6 +15,7 @@ dense ones but never averaged: two blocks' experts do not correspond.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -210,9 +211,23 @@ def _count(values: dict[str, Any]) -> int | None:
     return next((values[key] for key in keys if isinstance(values.get(key), int)), None)
 
 
+# Config fields that tie blocks to their positions in ways no plan can keep (when set): why.
+POSITION_BOUND = {
+    "hidden_size_per_layer_input": "feeds each block its own slice of a per-layer input embedding, chosen by position",
+    "num_kv_shared_layers": "has blocks that read another block's KV cache",
+}
+
+
 def check_plan(plan: "LayerPlan", config: Any) -> None:
     """Refuse a plan the config's family cannot build, from the config alone (no weights)."""
-    layout = ARCHITECTURES.get(getattr(text_config(config), "model_type", None))
+    text = text_config(config)
+    if not plan.is_identity:
+        for key, why in POSITION_BOUND.items():
+            value = text.to_dict().get(key)
+            if value:
+                raise PlanError(f"{getattr(text, 'model_type', 'this family')} {why} ({key}={value}), so its blocks "
+                                "cannot be dropped, repeated or moved")
+    layout = ARCHITECTURES.get(getattr(text, "model_type", None))
     if layout is not None:
         layout.check(plan)
 
@@ -395,6 +410,12 @@ def _prefix(plan: "LayerPlan", lead: int):
         yield slot
 
 
+# Computed lists that change nothing the model computes unless their key is set: Gemma 4 marks the
+# last block of each attention kind "store" (its KV states kept for an assistant model); only
+# num_kv_shared_layers > 0 makes a block read them, and that is refused (POSITION_BOUND).
+_BOOKKEEPING = {"kv_sharing_modes": "num_kv_shared_layers"}
+
+
 def computed_layer_fields(config: Any) -> dict[str, list[Any]]:
     """Per-layer lists a config *computes* (properties, e.g. Jamba's `layers_block_type` from
     `attn_layer_period`/`offset`): no stored field to cut, so a plan may silently move them."""
@@ -422,5 +443,40 @@ def computed_mismatch(config: Any, plan: "LayerPlan", updates: dict[str, Any]) -
         return {}
     after_config = type(config).from_dict({**config.to_dict(), **updates})
     after = computed_layer_fields(after_config)
-    needed = {name: [values[s.source] for s in plan.slots] for name, values in before.items()}
+    needed = {name: [values[s.source] for s in plan.slots] for name, values in before.items()
+              if not (name in _BOOKKEEPING and not getattr(config, _BOOKKEEPING[name], 0))}
     return {name: want for name, want in needed.items() if after.get(name) != want}
+
+
+_PATTERN_KEY = re.compile(r"(period|offset|interval)$")
+
+
+def repattern(config: Any, plan: "LayerPlan", updates: dict[str, Any]) -> dict[str, Any]:
+    """Values of the config's integer pattern keys (`attn_layer_period`/`_offset`, …) under which
+    its computed per-layer lists describe the plan's stack; {} when none do (or none is needed)."""
+    if not computed_mismatch(config, plan, updates):
+        return {}
+    values = config.to_dict()
+    keys = [k for k, v in values.items() if _PATTERN_KEY.search(k) and isinstance(v, int) and not isinstance(v, bool)]
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(_PATTERN_KEY.sub("", key), []).append(key)
+    found: dict[str, Any] = {}
+    for group in groups.values():
+        wrong = len(computed_mismatch(config, plan, {**updates, **found}))
+        for combo in itertools.product(range(len(plan.slots) + 1), repeat=len(group)):
+            try:
+                fixed = len(computed_mismatch(config, plan, {**updates, **found, **dict(zip(group, combo))})) < wrong
+            except Exception:  # noqa: BLE001 - a combination the config refuses
+                continue
+            if fixed:
+                found.update(dict(zip(group, combo)))
+                break
+    return found if not computed_mismatch(config, plan, {**updates, **found}) else {}
+
+
+def config_updates(config: Any, layout: Layout, plan: "LayerPlan") -> dict[str, Any]:
+    """Every config change a plan's variant needs (`layer_config_updates`, and pattern keys set so
+    that computed per-layer lists follow the plan where some values do), from a config object."""
+    updates = layer_config_updates(layout, plan, config.to_dict())
+    return {**updates, **repattern(config, plan, updates)}

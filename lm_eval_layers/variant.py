@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_layers.arch import Layout, computed_mismatch, layer_config_updates, layout_for, text_config
+from lm_eval_layers.arch import Layout, check_plan, computed_mismatch, config_updates, layout_for, text_config
 from lm_eval_layers import probe
 from lm_eval_layers.plan import LayerPlan, PlanError, Slot
 from lm_eval_layers.recipes import synthesize
@@ -177,6 +177,7 @@ class Variant:
         self.model = model
         self.plan = plan
         self.layout = layout_for(model)
+        check_plan(plan, model.config)
         self.layout.check(plan)
         if plan.repair is not None and tensors is None:
             raise PlanError("a repaired plan needs its fitted tensors: fit them with lm_eval_layers.repair.fit.fit_repair "
@@ -193,8 +194,8 @@ class Variant:
             )
         self._config = text_config(model.config)
         values = self._config.to_dict()
-        updates = layer_config_updates(self.layout, plan, values)
-        self._saved_config = {key: getattr(self._config, key, None) for key in updates}
+        updates = config_updates(self._config, self.layout, plan)
+        self._saved_config = {key: values[key] if key in values else getattr(self._config, key, None) for key in updates}
         blocks = nn.ModuleList(
             build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx)) for idx, slot in enumerate(plan.slots)
         )

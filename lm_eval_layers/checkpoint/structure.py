@@ -7,12 +7,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from lm_eval_layers.arch import Layout, computed_mismatch, layer_config_updates, text_config
+from lm_eval_layers.arch import Layout, computed_mismatch, config_updates, text_config
 from lm_eval_layers.plan import LayerPlan
 
 
 def _shapes(block: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in block.named_parameters()}
+
+
+def _constants(block: Any) -> dict[str, Any]:
+    """Plain numbers a block's modules keep (DiffLlama's λ_init, a scale, a window), by module and
+    name; the block's own index is expected to change."""
+    out = {}
+    for path, module in block.named_modules():
+        for name, value in vars(module).items():
+            if name.startswith("_") or name in ("layer_idx", "training") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float, str)):
+                out[f"{path}.{name}".lstrip(".")] = value
+    return out
+
+
+def uncovered_outputs(layout: Layout, block: Any, disk: list[str], attn: bool, mlp: bool) -> list[str]:
+    """Output projections of a loaded block (`block`, weightless) that no tensor name on disk
+    (`disk`, relative to the block) matches: transformers renames them on load (a shared expert
+    stored as `shared_mlp`, fused experts stored as `output_linear`), so zeroing by name on disk
+    would miss them."""
+    def norm(name: str) -> str:
+        parts = [p for p in name.split(".") if p not in ("weight", "bias")]
+        return ".".join("*" if p.isdigit() else p for p in parts)
+
+    stored = {norm(n) for n in disk}
+    missing = []
+    for name, _ in block.named_parameters():
+        if not layout.is_output(name, attn=attn, mlp=mlp):
+            continue
+        parts = norm(name).split(".")
+        fused = ".".join([*parts[:-1], "*", parts[-1]])
+        if norm(name) not in stored and fused not in stored:
+            missing.append(name)
+    return missing
 
 
 def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, layout: Layout) -> str | None:
@@ -22,7 +56,7 @@ def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, l
 
     text = text_config(hf_config)
     family = getattr(text, "model_type", "this family")
-    moved = computed_mismatch(text, plan, layer_config_updates(layout, plan, text.to_dict()))
+    moved = computed_mismatch(text, plan, config_updates(text, layout, plan))
     if moved:
         return (f"{family} computes {', '.join(sorted(moved))} from each block's index, which no config.json field can "
                 "set per block, so a checkpoint cannot hold this plan's stack; evaluate it in memory "
@@ -36,6 +70,11 @@ def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, l
     if after is None or before is None or len(after) != len(plan.slots):
         return f"the config this plan would write for {family} does not build {len(plan.slots)} blocks"
     for k, slot in enumerate(plan.slots):
+        moved_constants = _constants(before[slot.source]).items() ^ _constants(after[k]).items()
+        if moved_constants:
+            name = sorted({n for n, _ in moved_constants})[0]
+            return (f"{family} computes {name} of each block from its position, so block {slot.source} written as block "
+                    f"{k} would compute something else; evaluate this plan in memory (lm_eval --model layered) instead")
         want, got = _shapes(before[slot.source]), _shapes(after[k])
         if want != got:
             diff = sorted(set(want) ^ set(got)) or sorted(n for n in want if want[n] != got.get(n))

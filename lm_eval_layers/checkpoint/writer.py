@@ -25,13 +25,13 @@ import torch
 
 from lm_eval_layers import __version__
 from lm_eval_layers.checkpoint import NEW_PARAMS_FILE, PLAN_FILE
-from lm_eval_layers.arch import Layout, layer_config_updates
+from lm_eval_layers.arch import Layout, check_plan, config_updates, text_config
 from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.outputs import check_folder, swap_into_place
-from lm_eval_layers.checkpoint.structure import structure_problem
+from lm_eval_layers.checkpoint.structure import structure_problem, uncovered_outputs
 from lm_eval_layers.checkpoint.safetensors_io import copy_bytes, write_header, write_tensor
 from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model, source_layout
 
@@ -104,6 +104,7 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
             return TensorInfo(dtype, info.shape)
         return info
 
+    _check_zeroed_names(source, plan, layout, blocks)
     out = [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_before]
     for k, slot in enumerate(plan.slots):
         own = blocks[slot.source]
@@ -120,6 +121,27 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
             out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None, transform))
     out += [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_after]
     return out
+
+
+def _check_zeroed_names(source: Source, plan: LayerPlan, layout: Layout, blocks: dict[int, dict[str, str]]) -> None:
+    """A slot written with zeroed projections must zero every projection the loaded model has:
+    refused when the checkpoint stores one under a name transformers maps on load (families with
+    a table line declare their stored names and are tested)."""
+    from lm_eval_layers.arch import ARCHITECTURES
+
+    claims = [s for s in plan.slots if s.zero_out or s.drop_attn or s.drop_mlp]
+    if not claims or source.config.get("model_type") in ARCHITECTURES:
+        return
+    meta = layout.find_blocks(meta_model(source.hf_config))
+    assert meta is not None
+    for slot in claims:
+        attn, mlp = slot.zero_out or slot.drop_attn, slot.zero_out or slot.drop_mlp
+        missing = uncovered_outputs(layout, meta[slot.source], list(blocks[slot.source]), attn, mlp)
+        if missing:
+            raise UsageError(
+                f"{source.config.get('model_type')}: the checkpoint stores {missing[0]} of block {slot.source} under "
+                "another name, so a zeroed copy or removed branch cannot be written exactly; evaluate the plan in "
+                "memory (lm_eval --model layered) instead")
 
 
 def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
@@ -182,7 +204,7 @@ def planned_config(source: Source, plan: LayerPlan, layout: Layout, dtype: torch
     target = config
     if not any(k in config for k in layout.count_keys):
         target = config.get("text_config", config)
-    target.update(layer_config_updates(layout, plan, target))
+    target.update(config_updates(text_config(source.hf_config), layout, plan))
     if not config.get("architectures"):  # GGUF-derived configs lack it; mergekit and the hub need it
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -351,6 +373,7 @@ def write_variant(
     start = time.perf_counter()
     layout = source_layout(source)
     transforms = repair.transforms if repair is not None else None
+    check_plan(plan, source.hf_config)
     tensors = plan_tensors(source, plan, layout, dtype, transforms)
     config = planned_config(source, plan, layout, dtype)
     problem = structure_problem(source.hf_config, config, plan, layout)
