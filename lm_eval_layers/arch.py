@@ -197,6 +197,9 @@ def num_layers(config: Any) -> int:
     else:
         text = text_config(config)
         values = {"model_type": getattr(text, "model_type", None), **vars(text)}
+        for key in COUNT_KEYS:  # a count the config computes (Nemotron-H: the length of its layer types)
+            if not isinstance(values.get(key), int) and isinstance(getattr(text, key, None), int):
+                values[key] = getattr(text, key)
     count = _count(values)
     if count is None:
         raise UnsupportedArchitecture(
@@ -366,9 +369,10 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
     """
     n = plan.num_layers
     count_key = next((key for key in layout.count_keys if key in values), layout.layer_count)
-    updates: dict[str, Any] = {count_key: len(plan.slots)}
+    # a count stored as None is computed from a per-layer list (Nemotron-H), which follows below
+    updates: dict[str, Any] = {} if count_key in values and values[count_key] is None else {count_key: len(plan.slots)}
     for key, value in values.items():
-        if key in updates or key in _NOT_PER_LAYER or key == layout.dense_blocks:
+        if key in updates or key in _NOT_PER_LAYER or key == layout.dense_blocks or key == count_key:
             continue
         if _is_index_list(key, value, n):
             updates[key] = [k for k, slot in enumerate(plan.slots) if slot.source in set(value)]

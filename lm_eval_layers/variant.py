@@ -196,9 +196,13 @@ class Variant:
         values = self._config.to_dict()
         updates = config_updates(self._config, self.layout, plan)
         self._saved_config = {key: values[key] if key in values else getattr(self._config, key, None) for key in updates}
-        blocks = nn.ModuleList(
-            build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx)) for idx, slot in enumerate(plan.slots)
-        )
+        try:
+            blocks = nn.ModuleList(
+                build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx)) for idx, slot in enumerate(plan.slots)
+            )
+        except RuntimeError as e:  # e.g. weight-normed parameters that cannot be cloned without copying
+            raise PlanError(f"{getattr(self._config, 'model_type', type(model).__name__)}: its blocks cannot be cloned "
+                            f"with shared weights ({str(e).splitlines()[0][:120]})") from None
         blocks._lm_eval_layers_variant = True
         setattr(parent, name, blocks)
         self.blocks = blocks
@@ -209,7 +213,7 @@ class Variant:
             for key, value in updates.items():
                 try:
                     setattr(self._config, key, value)
-                except (AttributeError, TypeError, ValueError):
+                except (AttributeError, TypeError, ValueError, NotImplementedError):
                     raise PlanError(f"{family}: its config field {key!r} is computed, not stored, so it cannot follow the plan") from None
             if pinned:  # lists the config computes from the index: stored for this variant instead
                 self._config.__class__ = type(self._config_class.__name__, (self._config_class,), dict.fromkeys(pinned))
@@ -227,7 +231,10 @@ class Variant:
         """Put the original blocks and config fields back (idempotent)."""
         setattr(self._parent, self._name, self.original_blocks)
         for key, value in self._saved_config.items():
-            setattr(self._config, key, value)
+            try:
+                setattr(self._config, key, value)
+            except (AttributeError, TypeError, ValueError, NotImplementedError):
+                pass  # a field the config refused to change was never changed
         self._config.__class__ = self._config_class
         for key in getattr(self, "_pinned", ()):
             self._config.__dict__.pop(key, None)

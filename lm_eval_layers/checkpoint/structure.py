@@ -5,6 +5,9 @@ leading dense blocks, a pattern of layer types), which a cut or an insert can si
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from lm_eval_layers.arch import Layout, computed_mismatch, config_updates, text_config
@@ -49,6 +52,15 @@ def uncovered_outputs(layout: Layout, block: Any, disk: list[str], attn: bool, m
     return missing
 
 
+def _as_loaded(config: dict[str, Any], like: Any) -> Any:
+    """The config object transformers builds from this config.json (read from a file, as
+    `from_pretrained` does: special floats such as the Infinity of `time_step_limit` are decoded there)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config))
+        return type(like).from_json_file(str(path))
+
+
 def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, layout: Layout) -> str | None:
     """Why `config` (the config.json to write) does not rebuild `plan`'s stack from `hf_config`'s
     blocks, in one line; None when every block comes back with its source's parameters."""
@@ -62,7 +74,7 @@ def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, l
                 "set per block, so a checkpoint cannot hold this plan's stack; evaluate it in memory "
                 "(lm_eval --model layered) or choose a plan that keeps the pattern")
     try:
-        written = type(hf_config).from_dict(config)
+        written = _as_loaded(config, hf_config)
         after = layout.find_blocks(meta_model(written))
     except Exception as e:  # noqa: BLE001 - transformers refusing the config is the answer
         return f"transformers refuses the config this plan would write for {family}: {str(e).splitlines()[0][:200]}"
