@@ -2,7 +2,9 @@
 every decoder family of the installed transformers as a tiny random model, each check exact /
 refused / WRONG / crash / n/a, written as Markdown and JSON.
 
-    .venv/bin/python benchmarks/families.py --out out/families   # ~3 min on 2 CPU cores
+    .venv/bin/python benchmarks/families.py --out out/families --readme README.md   # ~5 min on 2 CPU cores
+
+`--readme` replaces the table between the `families:start` / `families:end` markers of that file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from families import CHECKS, decoder_families, quiet, sweep_family  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/families"))
+    parser.add_argument("--readme", type=Path, help="a Markdown file whose families:start/end block to replace")
     args = parser.parse_args()
     quiet()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -37,13 +40,22 @@ def main() -> None:
     built = [r for r in records if r["class"]]
     exact = [r for r in built if all(r["status"].get(c) == "exact" for c in ("drop", "copy-zero", "disk"))]
     bad = [f"{r['model_type']} {c}" for r in built for c in CHECKS if r["status"].get(c) in ("WRONG", "crash")]
-    summary = (f"{len(records)} causal-LM model types; {len(built)} built from a generic small config; "
-               f"{len(exact)} exact for drop, copy-zero and on disk; WRONG or crash: {', '.join(bad) or 'none'} "
-               f"({time.perf_counter() - start:.0f} s)")
+    both = [r for r in built if all(r["status"].get(c) == "exact" for c in ("drop", "copy-zero"))]
+    import transformers
+
+    summary = (f"transformers {transformers.__version__}: {len(records)} causal-LM model types, {len(built)} built from a "
+               f"generic small config; {len(both)} exact for both drop and copy-zero, {len(exact)} of them on disk too; "
+               f"WRONG or crash: {', '.join(bad) or 'none'}.")
     table = "| family | " + " | ".join(CHECKS) + " |\n|---|" + "---|" * len(CHECKS) + "\n" + "\n".join(rows)
     (args.out / "families.md").write_text(summary + "\n\n" + table + "\n")
     (args.out / "families.json").write_text(json.dumps(records, indent=1) + "\n")
-    print(summary)
+    if args.readme:
+        text = args.readme.read_text()
+        head, rest = text.split("<!-- families:start -->", 1)
+        _, tail = rest.split("<!-- families:end -->", 1)
+        block = f"{summary}\n\n<details><summary>Every family, every check</summary>\n\n{table}\n\n</details>\n"
+        args.readme.write_text(f"{head}<!-- families:start -->\n{block}<!-- families:end -->{tail}")
+    print(f"{summary} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

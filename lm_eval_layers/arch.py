@@ -15,6 +15,7 @@ dense ones but never averaged: two blocks' experts do not correspond.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import re
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # the names transformers configs count blocks by
 
+# Attributes through which a block's modules know their position (cache entry, recurrent state):
+# every slot of a variant gets its own.
+INDEX_ATTRIBUTES = ("layer_idx", "layer_id")
+
 # Attribute names of a block's token-mixing branch (attention, state-space, linear attention) and of
 # its MLP branch, in the order they are looked for.
 MIXER_NAMES = ("self_attn", "attn", "attention", "self_attention", "mamba", "mixer", "linear_attn",
@@ -39,7 +44,7 @@ MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe", "mlp_block
 # Leaf names of projections that write a branch's result (output dim = hidden size).
 OUTPUT_LEAVES = frozenset({
     "o_proj", "out_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "w2", "fc2", "fc_out", "wo",
-    "output_proj", "proj_out", "linear_2", "output_linear", "out", "down",
+    "output_proj", "proj_out", "linear_2", "output_linear", "out", "down", "output", "value",
 })
 
 
@@ -224,12 +229,12 @@ POSITION_BOUND = {
 def check_plan(plan: "LayerPlan", config: Any) -> None:
     """Refuse a plan the config's family cannot build, from the config alone (no weights)."""
     text = text_config(config)
-    if not plan.is_identity:
-        for key, why in POSITION_BOUND.items():
-            value = text.to_dict().get(key)
-            if value:
-                raise PlanError(f"{getattr(text, 'model_type', 'this family')} {why} ({key}={value}), so its blocks "
-                                "cannot be dropped, repeated or moved")
+    values = text.to_dict() if not plan.is_identity else {}
+    for key, why in POSITION_BOUND.items():
+        value = values.get(key)
+        if value:
+            raise PlanError(f"{getattr(text, 'model_type', 'this family')} {why} ({key}={value}), so its blocks "
+                            "cannot be dropped, repeated or moved")
     layout = ARCHITECTURES.get(getattr(text, "model_type", None))
     if layout is not None:
         layout.check(plan)
@@ -249,7 +254,7 @@ _NOT_DECODER = re.compile(r"(^|\.)(vision|visual|audio|image|vit|speech|encoder|
 
 def _block_path(model: nn.Module) -> str | None:
     """Dotted path of the decoder's block list: a ModuleList as long as the text config's depth,
-    outside any vision or audio tower, the language model's first."""
+    outside vision and audio towers where there is one, the language model's first."""
     try:
         depth = num_layers(model.config)
     except UnsupportedArchitecture:
@@ -257,9 +262,9 @@ def _block_path(model: nn.Module) -> str | None:
     found = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (depth is None or len(module) == depth)
-        and not _NOT_DECODER.search(name)
     ]
-    found.sort(key=lambda n: ("language_model" not in n, n.count("."), n))
+    # a tower's list only when there is no other (BERT-style decoders keep their blocks in `encoder`)
+    found.sort(key=lambda n: (bool(_NOT_DECODER.search(n)), "language_model" not in n, n.count("."), n))
     return found[0] if found else None
 
 
@@ -302,14 +307,22 @@ def discover(model: nn.Module, base: Layout | None = None) -> Layout:
             f"architecture {model_type!r} ({type(model).__name__}) is not supported: no list of decoder blocks as long as "
             "its config's layer count was found in the model"
         )
-    probe = Layout(path, base.attn if base else "", base.mlp if base else None, (), ())
-    blocks = probe.find_blocks(model)
+    lookup = Layout(path, base.attn if base else "", base.mlp if base else None, (), ())
+    blocks = lookup.find_blocks(model)
     assert blocks is not None
+    parent, name = lookup.parent_and_name(model)
+    siblings = [n for n, m in parent.named_children() if n != name and isinstance(m, nn.ModuleList) and len(m) == len(blocks)]
+    if siblings:
+        model_type = getattr(text_config(model.config), "model_type", None)
+        raise UnsupportedArchitecture(
+            f"architecture {model_type!r} ({type(model).__name__}) keeps each block's parts in parallel lists "
+            f"({', '.join([name, *siblings][:4])}), so a plan cannot move whole blocks"
+        )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     hidden = weight.shape[-1] if weight is not None else getattr(text_config(model.config), "hidden_size", None)
-    attn_names = [probe.branch(b, "attn") for b in blocks]
-    mlp_names = [probe.branch(b, "mlp") for b in blocks]
+    attn_names = [lookup.branch(b, "attn") for b in blocks]
+    mlp_names = [lookup.branch(b, "mlp") for b in blocks]
     outs: dict[str, list[str]] = {"attn": list(base.attn_out) if base else [], "mlp": list(base.mlp_out) if base else [], "other": []}
     for block, attn, mlp in zip(blocks, attn_names, mlp_names):
         for pattern, head in _writers(block, hidden):
@@ -365,7 +378,7 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
     Whatever its name: a list with one entry per block follows the plan, a list of block indices
     is renumbered, a dict keyed by block index is rekeyed (its keys' zero padding kept), and a
     count of leading dense blocks counts them in the new stack. Fields that cannot follow a plan
-    (a pattern computed from the index) are caught by `check_structure` and the identity probe.
+    (a pattern computed from the index) are caught by `checkpoint.structure` and the identity probe.
     """
     n = plan.num_layers
     count_key = next((key for key in layout.count_keys if key in values), layout.layer_count)
@@ -389,7 +402,7 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
     for key in LEADING_DENSE_KEYS:
         lead = values.get(key)
         if isinstance(lead, int) and not isinstance(lead, bool):
-            updates[key] = sum(1 for _ in _prefix(plan, lead))
+            updates[key] = _leading(plan, lead)
     window_layers = values.get("max_window_layers")
     if isinstance(window_layers, int) and not isinstance(window_layers, bool):
         # Qwen2: blocks below max_window_layers use full attention; count them in the new stack.
@@ -406,25 +419,21 @@ def layer_config_updates(layout: Layout, plan: "LayerPlan", values: dict[str, An
     return updates
 
 
-def _prefix(plan: "LayerPlan", lead: int):
-    """The new stack's leading slots that come from the original's first `lead` blocks."""
-    for slot in plan.slots:
-        if slot.source >= lead:
-            return
-        yield slot
+def _leading(plan: "LayerPlan", lead: int) -> int:
+    """How many of the new stack's first slots come from the original's first `lead` blocks."""
+    return next((k for k, slot in enumerate(plan.slots) if slot.source >= lead), len(plan.slots))
 
 
-# Computed lists that change nothing the model computes unless their key is set: Gemma 4 marks the
-# last block of each attention kind "store" (its KV states kept for an assistant model); only
-# num_kv_shared_layers > 0 makes a block read them, and that is refused (POSITION_BOUND).
+# Computed lists that change nothing the model itself computes unless their key is set: Gemma 4 marks
+# the last block of each attention kind "store" (its KV states kept for an assistant model to read);
+# only num_kv_shared_layers > 0 makes one of its own blocks read them, and that is refused
+# (POSITION_BOUND). An assistant paired with a cut model reads the new stack's last blocks.
 _BOOKKEEPING = {"kv_sharing_modes": "num_kv_shared_layers"}
 
 
 def computed_layer_fields(config: Any) -> dict[str, list[Any]]:
     """Per-layer lists a config *computes* (properties, e.g. Jamba's `layers_block_type` from
     `attn_layer_period`/`offset`): no stored field to cut, so a plan may silently move them."""
-    import inspect
-
     n = num_layers(config)
     out: dict[str, list[Any]] = {}
     for name in dir(type(config)):
@@ -442,14 +451,17 @@ def computed_layer_fields(config: Any) -> dict[str, list[Any]]:
 def computed_mismatch(config: Any, plan: "LayerPlan", updates: dict[str, Any]) -> dict[str, list[Any]]:
     """The computed per-layer lists that a config with `updates` gets wrong for `plan`'s stack:
     name -> the list the stack needs."""
-    before = computed_layer_fields(config)
-    if not before:
+    if not computed_layer_fields(config):
         return {}
-    after_config = type(config).from_dict({**config.to_dict(), **updates})
-    after = computed_layer_fields(after_config)
-    needed = {name: [values[s.source] for s in plan.slots] for name, values in before.items()
+    return misplaced(config, plan, type(config).from_dict({**config.to_dict(), **updates}))
+
+
+def misplaced(config: Any, plan: "LayerPlan", after: Any) -> dict[str, list[Any]]:
+    """The per-layer lists `config` computes that the plan's config `after` computes wrongly."""
+    got = computed_layer_fields(after)
+    needed = {name: [values[s.source] for s in plan.slots] for name, values in computed_layer_fields(config).items()
               if not (name in _BOOKKEEPING and not getattr(config, _BOOKKEEPING[name], 0))}
-    return {name: want for name, want in needed.items() if after.get(name) != want}
+    return {name: want for name, want in needed.items() if got.get(name) != want}
 
 
 _PATTERN_KEY = re.compile(r"(period|offset|interval)$")

@@ -3,9 +3,10 @@ its input; a removed branch must compute what its written form (zeroed output pr
 computes. Checked where the variant is built, so a family whose blocks write the residual stream
 through a module nobody named is refused in one line instead of giving a wrong number.
 
-One forward pass of the variant on a few tokens, stopped after the last block that needs a
-check; each checked slot's call (its arguments as the model passed them) is recorded and
-replayed on the alternative block where one is needed.
+One forward pass of the variant on a few tokens (any plan: a variant that fails is refused in one
+line, not at evaluation time); each checked slot's call (its arguments as the model passed them)
+is recorded and replayed on the alternative block where one is needed; then its last two tokens
+are decoded through the cache and must get the same logits.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from lm_eval_layers.arch import Layout
 from lm_eval_layers.plan import LayerPlan, Slot
 
 PROBE_TOKENS = 6
-
-
-class _Stop(Exception):
-    """Raised by a hook after the last checked block: the rest of the model need not run."""
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -69,66 +66,107 @@ def writers(block: nn.Module, args: tuple, kwargs: dict[str, Any], hidden: int) 
         for h in handles:
             h.remove()
     innermost = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
-    return [n for n in innermost if not re.search(r"(norm|(^|\.)ln)", n)][::-1]  # nearest the output first
+    return [n for n in innermost if not re.search(r"(norm|(^|\.)ln)", n, re.IGNORECASE)][::-1]  # nearest the output first
+
+
+def _ids(model: nn.Module) -> torch.Tensor:
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.weight.shape[0]
+    return ((torch.arange(PROBE_TOKENS) * 37 + 11) % vocab).unsqueeze(0).to(embeddings.weight.device)
 
 
 def check(model: nn.Module, blocks: nn.ModuleList, plan: LayerPlan, layout: Layout, original: nn.ModuleList,
           clone: Callable[..., nn.Module], family: str) -> str | None:
-    """Why the variant is not what its plan claims (None when every claim holds on the probe)."""
-    checked = [k for k, slot in enumerate(plan.slots) if claims(slot)]
-    if not checked:
+    """Why the variant is not what its plan claims (None when every claim holds on the probe):
+    it must run, its identity blocks and removed branches must be what they claim, and decoding
+    with its cache must give the logits it gives without."""
+    if plan.is_identity:
         return None
-    calls: dict[int, tuple[tuple, dict[str, Any], torch.Tensor]] = {}
-    last = checked[-1]
+    checked = [k for k, slot in enumerate(plan.slots) if claims(slot)]
+    calls: dict[int, list[Any]] = {}
     handles = []
     for k in checked:
         def pre(_m: nn.Module, args: tuple, kwargs: dict[str, Any], k: int = k) -> None:
-            calls[k] = (args, kwargs, _hidden(args[0] if args else kwargs["hidden_states"]).detach().clone())
+            calls[k] = [args, kwargs, _hidden(args[0] if args else kwargs["hidden_states"]).detach().clone()]
 
-        def post(_m: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any, k: int = k) -> None:
-            args_, kwargs_, x = calls[k]
-            calls[k] = (args_, kwargs_, x, _hidden(out).detach().clone())  # type: ignore[assignment]
-            if k == last:
-                raise _Stop
+        def post(_m: nn.Module, _args: tuple, _kwargs: dict[str, Any], out: Any, k: int = k) -> None:
+            calls[k].append(_hidden(out).detach().clone())
 
         handles.append(blocks[k].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(blocks[k].register_forward_hook(post, with_kwargs=True))
-    embeddings = model.get_input_embeddings()
-    vocab, hidden = embeddings.weight.shape[0], embeddings.weight.shape[-1]
-    ids = (torch.arange(PROBE_TOKENS) * 37 + 11) % vocab
+    ids = _ids(model)
     try:
         with torch.no_grad():
-            model(input_ids=ids.unsqueeze(0).to(embeddings.weight.device), use_cache=False)
-    except _Stop:
-        pass
-    except Exception as e:  # noqa: BLE001 - a block that cannot run this way is refused, not run
+            logits = model(input_ids=ids, use_cache=False).logits
+    except Exception as e:  # noqa: BLE001 - a variant that cannot run is refused, not run
         return f"{family} cannot run this plan: the variant fails on a probe input ({_line(e)})"
     finally:
         for h in handles:
             h.remove()
+    hidden = model.get_input_embeddings().weight.shape[-1]
     for k in checked:
-        slot = plan.slots[k]
-        if len(calls.get(k, ())) != 4:
-            return f"block {k} of the variant was never called on a probe input, so its plan cannot be checked"
-        args, kwargs, x, y = calls[k]  # type: ignore[misc]
-        kwargs = {**kwargs, **{key: None for key in ("past_key_values", "past_key_value", "cache", "layer_past") if key in kwargs}}
+        problem = _slot_problem(k, plan.slots[k], calls.get(k, []), blocks, layout, original, clone, family, hidden)
+        if problem:
+            return problem
+    return cache_problem(model, family, ids, logits)
+
+
+def _slot_problem(k: int, slot: Slot, call: list[Any], blocks: nn.ModuleList, layout: Layout, original: nn.ModuleList,
+                  clone: Callable[..., nn.Module], family: str, hidden: int) -> str | None:
+    """Does slot `k` do what the plan claims on the input the probe gave it (`call`: args, kwargs, input, output)?"""
+    if len(call) != 4:
+        return f"block {k} of the variant was never called on a probe input, so its plan cannot be checked"
+    args, kwargs, x, y = call
+    kwargs = {**kwargs, **{key: None for key in ("past_key_values", "past_key_value", "cache", "layer_past") if key in kwargs}}
+    with torch.no_grad():
+        if (slot.zero_out or (slot.drop_attn and slot.drop_mlp)) and not torch.equal(x, y):
+            what = "its zeroed output projections" if slot.zero_out else "both of its branches removed"
+            culprits = writers(blocks[k], args, kwargs, hidden) if slot.zero_out else []
+            through = f" ({', '.join(culprits[:3])} still writes to the residual stream)" if culprits else ""
+            return (f"{family} block {k} ({slot.describe()}) is not the identity with {what}{through}, "
+                    f"so {'this insert' if slot.zero_out else 'removing both branches'} cannot be built exactly")
+        if slot.zero_out:
+            return None
+        written = written_form(layout, original[slot.source], slot, clone)
+        try:
+            stored = _hidden(written(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001
+            return f"{family} block {k} cannot be run again as a checkpoint stores it ({_line(e)})"
+    if not torch.equal(stored, y):
+        half = "attention and MLP branches" if slot.drop_attn and slot.drop_mlp else "attention branch" if slot.drop_attn else "MLP branch"
+        return (f"{family} block {k}: removing its {half} in memory computes something else than the zeroed "
+                "output projections a checkpoint stores, so the branch writes the residual stream through "
+                "modules no layout names")
+    return None
+
+
+CACHE_STEPS = 2  # the probe's last tokens, fed one at a time through the cache
+
+
+def cache_problem(model: nn.Module, family: str, ids: torch.Tensor, logits: torch.Tensor) -> str | None:
+    """Decoding with the variant's cache must give the logits a forward pass without a cache gave
+    (`logits` for `ids`): a block reading another block's cache entry, or a per-layer state built
+    for the wrong kind of layer, breaks this. The probe's tokens are forced through `generate`
+    (which knows each family's cache); tolerance: rounding of the cached kernels in the model's dtype."""
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return None
+    prompt = ids[:, :-CACHE_STEPS]
+    forced = ids[0, -CACHE_STEPS:].tolist()
+    try:
         with torch.no_grad():
-            if (slot.zero_out or (slot.drop_attn and slot.drop_mlp)) and not torch.equal(x, y):
-                what = "its zeroed output projections" if slot.zero_out else "both of its branches removed"
-                culprits = writers(blocks[k], args, kwargs, hidden) if slot.zero_out else []
-                through = f" ({', '.join(culprits[:3])} still writes to the residual stream)" if culprits else ""
-                return (f"{family} block {k} ({slot.describe()}) is not the identity with {what}{through}, "
-                        f"so {'this insert' if slot.zero_out else 'removing both branches'} cannot be built exactly")
-            if slot.zero_out:
-                continue
-            written = written_form(layout, original[slot.source], slot, clone)
-            try:
-                stored = _hidden(written(*args, **kwargs))
-            except Exception as e:  # noqa: BLE001
-                return f"{family} block {k} cannot be run again as a checkpoint stores it ({_line(e)})"
-            if not torch.equal(stored, y):
-                half = "attention and MLP branches" if slot.drop_attn and slot.drop_mlp else "attention branch" if slot.drop_attn else "MLP branch"
-                return (f"{family} block {k}: removing its {half} in memory computes something else than the zeroed "
-                        "output projections a checkpoint stores, so the branch writes the residual stream through "
-                        "modules no layout names")
+            out = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False, max_new_tokens=CACHE_STEPS,
+                min_new_tokens=CACHE_STEPS, prefix_allowed_tokens_fn=lambda _b, seq: [forced[len(seq) - prompt.shape[1]]],
+                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            )
+    except Exception as e:  # noqa: BLE001
+        return f"{family} cannot generate with this plan and a cache ({_line(e)})"
+    cached = torch.stack([step[0].float() for step in out.logits])
+    plain = logits[0, -CACHE_STEPS - 1:-1].float()
+    dtype = next(model.parameters()).dtype
+    tolerance = (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, plain.abs().max().item())
+    if cached.shape != plain.shape or (cached - plain).abs().max().item() > tolerance:
+        return (f"{family}: with this plan, decoding with the KV cache gives other logits than a forward pass "
+                "without it (a block reads state kept for another position), so the plan is refused")
     return None

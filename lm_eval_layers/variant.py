@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_layers.arch import Layout, check_plan, computed_mismatch, config_updates, layout_for, text_config
+from lm_eval_layers.arch import INDEX_ATTRIBUTES, Layout, check_plan, computed_mismatch, config_updates, layout_for, text_config
 from lm_eval_layers import probe
 from lm_eval_layers.plan import LayerPlan, PlanError, Slot
 from lm_eval_layers.recipes import synthesize
@@ -60,7 +60,9 @@ class SkippedAttention(_Skipped):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-        if self._arity is not None and self.records_cache and cache is not None and hasattr(cache, "update"):
+        layers = getattr(cache, "layers", None)
+        keeps_keys = layers is None or (self.layer_idx < len(layers) and hasattr(layers[self.layer_idx], "keys"))
+        if self._arity is not None and self.records_cache and cache is not None and hasattr(cache, "update") and keeps_keys:
             batch, length = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, length, 1)
             cache.update(placeholder, placeholder, self.layer_idx)
@@ -100,8 +102,9 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 def _set_layer_idx(module: nn.Module, idx: int) -> None:
     for sub in module.modules():
-        if isinstance(getattr(sub, "layer_idx", None), int):
-            sub.layer_idx = idx
+        for name in INDEX_ATTRIBUTES:
+            if isinstance(getattr(sub, name, None), int) and not isinstance(getattr(sub, name), bool):
+                setattr(sub, name, idx)
 
 
 def _offloaded_values(block: nn.Module) -> dict[int, torch.Tensor]:
@@ -206,6 +209,12 @@ class Variant:
         blocks._lm_eval_layers_variant = True
         setattr(parent, name, blocks)
         self.blocks = blocks
+        # depths the stack's owner copied from its config at build time (Gemma 4's first shared-KV
+        # block is `num_hidden_layers - num_kv_shared_layers`): a model built for the plan has the new one
+        self._saved_depths = {k: v for k, v in vars(parent).items() if not k.startswith("_") and type(v) is int
+                              and v == plan.num_layers}
+        for key in self._saved_depths:
+            setattr(parent, key, len(plan.slots))
         family = getattr(self._config, "model_type", type(model).__name__)
         self._config_class = type(self._config)
         try:
@@ -230,6 +239,8 @@ class Variant:
     def restore(self) -> None:
         """Put the original blocks and config fields back (idempotent)."""
         setattr(self._parent, self._name, self.original_blocks)
+        for key, value in getattr(self, "_saved_depths", {}).items():
+            setattr(self._parent, key, value)
         for key, value in self._saved_config.items():
             try:
                 setattr(self._config, key, value)

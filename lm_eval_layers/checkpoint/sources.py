@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lm_eval_layers.arch import ARCHITECTURES, Layout, layout_for
+from lm_eval_layers.arch import Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.checkpoint.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
@@ -147,7 +147,11 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
 
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError):
+    except Exception as e:  # noqa: BLE001 - whatever transformers refuses in a config is the user's input
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if config.get("model_type") in CONFIG_MAPPING:
+            raise UsageError(f"transformers refuses {folder}/config.json: {str(e).strip().splitlines()[-1].strip()[:200]}") from None
         raise UsageError(
             f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "
             "(remote code is never run; upgrade transformers if the architecture is new)"
@@ -155,8 +159,18 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
 
 
 def source_layout(source: Source) -> Layout:
-    """The layout from the table of known families, else inferred from a weightless model."""
-    return ARCHITECTURES.get(source.config.get("model_type")) or layout_for(meta_model(source.hf_config))
+    """The layout of the source's weightless model (`arch.layout_for`: the table's facts, completed
+    from the module tree)."""
+    return layout_for(source_meta(source))
+
+
+def source_meta(source: Source) -> torch.nn.Module:
+    """The source's weightless model, built once per source."""
+    meta = getattr(source, "_meta_model", None)
+    if meta is None:
+        meta = meta_model(source.hf_config)
+        source._meta_model = meta  # type: ignore[attr-defined]
+    return meta
 
 
 def meta_model(config: Any) -> torch.nn.Module:

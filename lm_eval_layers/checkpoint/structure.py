@@ -1,17 +1,22 @@
 """Will the written config rebuild the plan's stack? Checked from configs and weightless models
-before the first byte is written: transformers builds each block from config.json, and some
+before the first byte is written (`written_problem`): transformers builds each block from config.json, and some
 families derive a block's kind from its index or the depth (Jamba's attention period, a count of
 leading dense blocks, a pattern of layer types), which a cut or an insert can silently move."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from lm_eval_layers.arch import Layout, computed_mismatch, config_updates, text_config
+from lm_eval_layers.arch import INDEX_ATTRIBUTES, Layout, misplaced, text_config
+from lm_eval_layers.checkpoint.sources import Source, meta_model, source_meta
+from lm_eval_layers.errors import LayersError
 from lm_eval_layers.plan import LayerPlan
+from lm_eval_layers.twin import twin_model
+from lm_eval_layers.variant import apply_plan
 
 
 def _shapes(block: Any) -> dict[str, tuple[int, ...]]:
@@ -24,32 +29,22 @@ def _constants(block: Any) -> dict[str, Any]:
     out = {}
     for path, module in block.named_modules():
         for name, value in vars(module).items():
-            if name.startswith("_") or name in ("layer_idx", "training") or isinstance(value, bool):
+            if name.startswith("_") or name in (*INDEX_ATTRIBUTES, "training") or isinstance(value, bool):
                 continue
             if isinstance(value, (int, float, str)):
                 out[f"{path}.{name}".lstrip(".")] = value
     return out
 
 
-def uncovered_outputs(layout: Layout, block: Any, disk: list[str], attn: bool, mlp: bool) -> list[str]:
-    """Output projections of a loaded block (`block`, weightless) that no tensor name on disk
-    (`disk`, relative to the block) matches: transformers renames them on load (a shared expert
-    stored as `shared_mlp`, fused experts stored as `output_linear`), so zeroing by name on disk
-    would miss them."""
+def uncovered_outputs(layout: Layout, block: Any, loaded: list[str], attn: bool, mlp: bool) -> list[str]:
+    """Output projections of a loaded block (`block`, weightless) that no stored tensor becomes on
+    load (`loaded`: the names the block's stored tensors get, `compat.loaded_name`): zeroing on
+    disk would miss them."""
     def norm(name: str) -> str:
-        parts = [p for p in name.split(".") if p not in ("weight", "bias")]
-        return ".".join("*" if p.isdigit() else p for p in parts)
+        return ".".join("*" if p.isdigit() else p for p in name.split(".") if p not in ("weight", "bias"))
 
-    stored = {norm(n) for n in disk}
-    missing = []
-    for name, _ in block.named_parameters():
-        if not layout.is_output(name, attn=attn, mlp=mlp):
-            continue
-        parts = norm(name).split(".")
-        fused = ".".join([*parts[:-1], "*", parts[-1]])
-        if norm(name) not in stored and fused not in stored:
-            missing.append(name)
-    return missing
+    names = {norm(n) for n in loaded}
+    return [name for name, _ in block.named_parameters() if layout.is_output(name, attn=attn, mlp=mlp) and norm(name) not in names]
 
 
 def _as_loaded(config: dict[str, Any], like: Any) -> Any:
@@ -61,25 +56,54 @@ def _as_loaded(config: dict[str, Any], like: Any) -> Any:
         return type(like).from_json_file(str(path))
 
 
-def structure_problem(hf_config: Any, config: dict[str, Any], plan: LayerPlan, layout: Layout) -> str | None:
-    """Why `config` (the config.json to write) does not rebuild `plan`'s stack from `hf_config`'s
-    blocks, in one line; None when every block comes back with its source's parameters."""
-    from lm_eval_layers.checkpoint.sources import meta_model
+def _twin_problem(hf_config: Any, plan: LayerPlan, family: str) -> str | None:
+    """The plan's claims (identity blocks, removed branches, its cache) proven with the identity
+    probe on a narrow random twin of the model, since the writer never loads the real weights."""
+    if not any(s.zero_out or s.drop_attn or s.drop_mlp for s in plan.slots):
+        return None
+    try:
+        twin = twin_model(hf_config)
+    except Exception as e:  # noqa: BLE001 - a family whose config cannot be made narrow
+        return (f"cannot prove this plan's identity blocks or removed branches for {family} on a narrow random twin "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); evaluate it in memory "
+                "(lm_eval --model layered), where the real weights are probed")
+    try:
+        apply_plan(twin, dataclasses.replace(plan, repair=None)).restore()
+    except LayersError as e:
+        return f"{e} (proven on a narrow random twin of the model)"
+    return None
 
-    text = text_config(hf_config)
+
+def written_problem(source: Source, config: dict[str, Any], plan: LayerPlan, layout: Layout,
+                    loaded: dict[int, list[str]]) -> str | None:
+    """Why writing `plan` of `source` with `config` (the config.json to write) would not give the
+    plan's stack, in one line; None when every block reloads with its source's parameters and
+    constants. `loaded`: the names each source block's stored tensors get on load, relative to the block."""
+    text = text_config(source.hf_config)
     family = getattr(text, "model_type", "this family")
-    moved = computed_mismatch(text, plan, config_updates(text, layout, plan))
+    before = layout.find_blocks(source_meta(source))
+    assert before is not None
+    problem = _twin_problem(source.hf_config, plan, family)
+    if problem:
+        return problem
+    for slot in (s for s in plan.slots if s.zero_out or s.drop_attn or s.drop_mlp):
+        missing = uncovered_outputs(layout, before[slot.source], loaded[slot.source],
+                                    slot.zero_out or slot.drop_attn, slot.zero_out or slot.drop_mlp)
+        if missing:
+            return (f"{family}: the checkpoint stores {missing[0]} of block {slot.source} under a name the writer cannot "
+                    "map, so a zeroed copy or removed branch cannot be written exactly; evaluate the plan in memory "
+                    "(lm_eval --model layered) instead")
+    try:
+        written = _as_loaded(config, source.hf_config)
+        after = layout.find_blocks(meta_model(written))
+    except Exception as e:  # noqa: BLE001 - transformers refusing the config is the answer
+        return f"transformers refuses the config this plan would write for {family}: {str(e).splitlines()[0][:200]}"
+    moved = misplaced(text, plan, text_config(written))
     if moved:
         return (f"{family} computes {', '.join(sorted(moved))} from each block's index, which no config.json field can "
                 "set per block, so a checkpoint cannot hold this plan's stack; evaluate it in memory "
                 "(lm_eval --model layered) or choose a plan that keeps the pattern")
-    try:
-        written = _as_loaded(config, hf_config)
-        after = layout.find_blocks(meta_model(written))
-    except Exception as e:  # noqa: BLE001 - transformers refusing the config is the answer
-        return f"transformers refuses the config this plan would write for {family}: {str(e).splitlines()[0][:200]}"
-    before = layout.find_blocks(meta_model(hf_config))
-    if after is None or before is None or len(after) != len(plan.slots):
+    if after is None or len(after) != len(plan.slots):
         return f"the config this plan would write for {family} does not build {len(plan.slots)} blocks"
     for k, slot in enumerate(plan.slots):
         moved_constants = _constants(before[slot.source]).items() ^ _constants(after[k]).items()

@@ -25,15 +25,16 @@ import torch
 
 from lm_eval_layers import __version__
 from lm_eval_layers.checkpoint import NEW_PARAMS_FILE, PLAN_FILE
+from lm_eval_layers.compat import loaded_name
 from lm_eval_layers.arch import Layout, check_plan, config_updates, text_config
 from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
 from lm_eval_layers.recipes import is_zeroed, synthesize
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.outputs import check_folder, swap_into_place
-from lm_eval_layers.checkpoint.structure import structure_problem, uncovered_outputs
+from lm_eval_layers.checkpoint.structure import written_problem
 from lm_eval_layers.checkpoint.safetensors_io import copy_bytes, write_header, write_tensor
-from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, meta_model, source_layout
+from lm_eval_layers.checkpoint.sources import Source, TensorInfo, free_bytes, is_weight_file, source_layout, source_meta
 
 if TYPE_CHECKING:
     from lm_eval_layers.repair.fit import Fit
@@ -49,6 +50,7 @@ class OutTensor:
     rel: str = ""  # name relative to its block
     copy_of: str | None = None  # set when the tensor is an unchanged source tensor
     transform: torch.Tensor | None = field(default=None, compare=False, repr=False)  # a repair's map, folded in
+    role: str = ""  # the name the loaded model gives it, relative to its block (what recipes are decided by)
 
 
 def block_prefix(names: list[str], layout: Layout) -> str:
@@ -104,7 +106,6 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
             return TensorInfo(dtype, info.shape)
         return info
 
-    _check_zeroed_names(source, plan, layout, blocks)
     out = [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_before]
     for k, slot in enumerate(plan.slots):
         own = blocks[slot.source]
@@ -117,31 +118,19 @@ def plan_tensors(source: Source, plan: LayerPlan, layout: Layout, dtype: torch.d
         for rel, name in own.items():
             srcs = tuple(blocks[j][rel] for j in slot.sources)
             transform = transforms.get(slot.source) if transforms and rel in folded else None
-            plain = len(srcs) == 1 and not is_zeroed(layout, slot, rel) and transform is None
-            out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None, transform))
+            role = stored_role(source, layout, rel)
+            plain = len(srcs) == 1 and not is_zeroed(layout, slot, role) and transform is None
+            out.append(OutTensor(f"{prefix}{k}.{rel}", out_info(name), srcs, slot, rel, name if plain else None, transform, role))
     out += [OutTensor(n, out_info(n), (n,), copy_of=n) for n in outside_after]
     return out
 
 
-def _check_zeroed_names(source: Source, plan: LayerPlan, layout: Layout, blocks: dict[int, dict[str, str]]) -> None:
-    """A slot written with zeroed projections must zero every projection the loaded model has:
-    refused when the checkpoint stores one under a name transformers maps on load (families with
-    a table line declare their stored names and are tested)."""
-    from lm_eval_layers.arch import ARCHITECTURES
-
-    claims = [s for s in plan.slots if s.zero_out or s.drop_attn or s.drop_mlp]
-    if not claims or source.config.get("model_type") in ARCHITECTURES:
-        return
-    meta = layout.find_blocks(meta_model(source.hf_config))
-    assert meta is not None
-    for slot in claims:
-        attn, mlp = slot.zero_out or slot.drop_attn, slot.zero_out or slot.drop_mlp
-        missing = uncovered_outputs(layout, meta[slot.source], list(blocks[slot.source]), attn, mlp)
-        if missing:
-            raise UsageError(
-                f"{source.config.get('model_type')}: the checkpoint stores {missing[0]} of block {slot.source} under "
-                "another name, so a zeroed copy or removed branch cannot be written exactly; evaluate the plan in "
-                "memory (lm_eval --model layered) instead")
+def stored_role(source: Source, layout: Layout, rel: str) -> str:
+    """The name by which a stored block tensor's recipe is decided: its own where the layout names it
+    (the table's stored names), else the name transformers gives it on load (`compat.loaded_name`)."""
+    if layout.is_output(rel):
+        return rel
+    return loaded_name(source.config.get("model_type", ""), rel)
 
 
 def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
@@ -153,7 +142,7 @@ def _make(source: Source, layout: Layout, t: OutTensor) -> torch.Tensor:
         return fold(source.tensor(t.sources[0]).to(t.info.dtype), t.transform, t.rel, layout)
     else:
         assert t.slot is not None
-        tensor = synthesize(layout, t.slot, t.rel, [source.tensor(n) for n in t.sources])
+        tensor = synthesize(layout, t.slot, t.role, [source.tensor(n) for n in t.sources])
     return tensor.to(t.info.dtype)
 
 
@@ -302,7 +291,7 @@ def new_parameter_names(source: Source, plan: LayerPlan, layout: Layout) -> list
     """Names of the new blocks' parameters in the loaded model, which is what training sees:
     transformers may rename checkpoint tensors on load (a mixture of experts' per-expert
     tensors become one fused parameter), so they come from the model's weightless module tree."""
-    blocks = layout.find_blocks(meta_model(source.hf_config))
+    blocks = layout.find_blocks(source_meta(source))
     assert blocks is not None
     return [
         f"{layout.blocks}.{k}.{rel}" for k in plan.new_slots for rel, _ in blocks[plan.slots[k].source].named_parameters()
@@ -376,7 +365,11 @@ def write_variant(
     check_plan(plan, source.hf_config)
     tensors = plan_tensors(source, plan, layout, dtype, transforms)
     config = planned_config(source, plan, layout, dtype)
-    problem = structure_problem(source.hf_config, config, plan, layout)
+    loaded: dict[int, set[str]] = {}
+    for t in tensors:
+        if t.slot is not None:
+            loaded.setdefault(t.slot.source, set()).add(loaded_name(source.config.get("model_type", ""), t.rel))
+    problem = written_problem(source, config, plan, layout, {k: sorted(v) for k, v in loaded.items()})
     if problem:
         raise UsageError(problem)
     total = sum(t.info.nbytes for t in tensors)
