@@ -434,10 +434,14 @@ _BOOKKEEPING = {"kv_sharing_modes": "num_kv_shared_layers"}
 def computed_layer_fields(config: Any) -> dict[str, list[Any]]:
     """Per-layer lists a config *computes* (properties, e.g. Jamba's `layers_block_type` from
     `attn_layer_period`/`offset`): no stored field to cut, so a plan may silently move them."""
+    from transformers import PretrainedConfig
+
     n = num_layers(config)
     out: dict[str, list[Any]] = {}
     for name in dir(type(config)):
         if name.startswith("_") or not isinstance(inspect.getattr_static(type(config), name, None), property):
+            continue
+        if hasattr(PretrainedConfig, name):  # the base class's own (deprecated aliases among them): not the family's
             continue
         try:
             value = getattr(config, name)

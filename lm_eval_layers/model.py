@@ -28,8 +28,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_layers.arch import check_plan, num_layers
+from lm_eval_layers.twin import twin_problem
 from lm_eval_layers.default_model import resolve_alias
-from lm_eval_layers.errors import LayersError, UsageError
+from lm_eval_layers.errors import LayersError, PlanError, UsageError
 from lm_eval_layers.identity import digest, model_identity
 from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
@@ -77,6 +78,9 @@ class LayeredLM(HFLM):
             _check_names(kwargs, config)
             plan = spec.resolve(num_layers(config), config.model_type)
             check_plan(plan, config)  # e.g. averaged mixture-of-experts blocks: refused before loading
+            problem, _ = twin_problem(config, plan)  # the identity probe on a narrow random twin, before loading
+            if problem:
+                raise PlanError(problem)
             if isinstance(pretrained, transformers.PreTrainedModel) and not plan.is_identity:
                 pretrained = clone_model(pretrained)  # the caller's model is left untouched
             self._settings = _settings(pretrained, kwargs, self.prepared)

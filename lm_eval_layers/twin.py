@@ -1,7 +1,8 @@
 """A narrow random twin of a model: the same family, depth and pattern of layer kinds, every width
-small. The checkpoint writer never loads the real weights, so it proves a plan's structural claims
-(an identity block, a removed branch, a cache that still lines up) on the twin with the identity
-probe; the family sweep (tests/families.py) builds its tiny models with the same function.
+small. A plan is proven on it with the identity probe before any weight is read (the plugin, which
+refuses a bad plan before a 30 s load) or when none is (the checkpoint writer): an identity block,
+a removed branch, a cache that still lines up are properties of the family's code and the layer
+pattern, not of the weights. The family sweep (tests/families.py) builds its tiny models with `narrow`.
 """
 
 from __future__ import annotations
@@ -72,3 +73,24 @@ def twin_model(config: Any, seed: int = 0) -> Any:
     twin = type(config)(**{**config.to_dict(), **narrow(config)})
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(twin, dtype=torch.float32).eval()
+
+
+def twin_problem(config: Any, plan: Any) -> tuple[str | None, bool]:
+    """(why the plan fails on a narrow random twin of `config`'s model, or None; whether the twin
+    could be built at all, so that the plan was proven)."""
+    import dataclasses
+
+    from lm_eval_layers.errors import LayersError
+    from lm_eval_layers.variant import apply_plan
+
+    if plan.is_identity:
+        return None, True
+    try:
+        twin = twin_model(config)
+    except Exception:  # noqa: BLE001 - a config that cannot be made narrow proves nothing either way
+        return None, False
+    try:
+        apply_plan(twin, dataclasses.replace(plan, repair=None)).restore()
+    except LayersError as e:
+        return f"{e} (proven on a narrow random twin of the model)", True
+    return None, True

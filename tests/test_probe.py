@@ -78,3 +78,15 @@ def test_blocks_bound_to_their_position_are_refused_before_loading():
     config = CONFIG_MAPPING["gemma4_text"]()
     with pytest.raises(PlanError, match="per-layer input embedding"):
         check_plan(plan(drop="1"), config)
+
+
+def test_the_plugin_refuses_a_claim_that_fails_before_loading_any_weight(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_layers.model import LayeredLM, _hf_arguments
+
+    tiny_model("ergo").save_pretrained(tmp_path / "src")
+    _hf_arguments()  # read hf's signature before it is replaced below
+    monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(PlanError, match=r"not the identity .* \(proven on a narrow random twin of the model\)"):
+        LayeredLM(pretrained=str(tmp_path / "src"), insert="1:copy-zero", device="cpu")

@@ -5,7 +5,6 @@ leading dense blocks, a pattern of layer types), which a cut or an insert can si
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -13,10 +12,8 @@ from typing import Any
 
 from lm_eval_layers.arch import INDEX_ATTRIBUTES, Layout, misplaced, text_config
 from lm_eval_layers.checkpoint.sources import Source, meta_model, source_meta
-from lm_eval_layers.errors import LayersError
 from lm_eval_layers.plan import LayerPlan
-from lm_eval_layers.twin import twin_model
-from lm_eval_layers.variant import apply_plan
+from lm_eval_layers.twin import twin_problem
 
 
 def _shapes(block: Any) -> dict[str, tuple[int, ...]]:
@@ -57,21 +54,13 @@ def _as_loaded(config: dict[str, Any], like: Any) -> Any:
 
 
 def _twin_problem(hf_config: Any, plan: LayerPlan, family: str) -> str | None:
-    """The plan's claims (identity blocks, removed branches, its cache) proven with the identity
-    probe on a narrow random twin of the model, since the writer never loads the real weights."""
-    if not any(s.zero_out or s.drop_attn or s.drop_mlp for s in plan.slots):
-        return None
-    try:
-        twin = twin_model(hf_config)
-    except Exception as e:  # noqa: BLE001 - a family whose config cannot be made narrow
-        return (f"cannot prove this plan's identity blocks or removed branches for {family} on a narrow random twin "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); evaluate it in memory "
-                "(lm_eval --model layered), where the real weights are probed")
-    try:
-        apply_plan(twin, dataclasses.replace(plan, repair=None)).restore()
-    except LayersError as e:
-        return f"{e} (proven on a narrow random twin of the model)"
-    return None
+    """The plan proven on a narrow random twin, since the writer never loads the real weights;
+    identity claims that cannot be proven that way are refused."""
+    problem, proven = twin_problem(hf_config, plan)
+    if not proven and any(s.zero_out or s.drop_attn or s.drop_mlp for s in plan.slots):
+        return (f"cannot prove this plan's identity blocks or removed branches for {family} on a narrow random twin; "
+                "evaluate it in memory (lm_eval --model layered), where the real weights are probed")
+    return problem
 
 
 def written_problem(source: Source, config: dict[str, Any], plan: LayerPlan, layout: Layout,

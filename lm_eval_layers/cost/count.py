@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_layers.checkpoint.sources import Source, source_layout
+from lm_eval_layers.checkpoint.sources import Source, source_layout, source_meta
 from lm_eval_layers.checkpoint.writer import block_prefix, plan_tensors
 from lm_eval_layers.cost.flops import Shape
 from lm_eval_layers.plan import LayerPlan
@@ -49,8 +49,10 @@ def size(source: Source, plan: LayerPlan, dtype: Any = None) -> Size:
     tensors = plan_tensors(source, plan, layout, dtype)
     width, head = head_dims(source.hf_config)
     share = routed_share(source.hf_config)
-    removed = [tuple(f"{m}." for m, gone in ((layout.attn, s.drop_attn), (layout.mlp, s.drop_mlp)) if gone and m)
-               for s in plan.slots]
+    blocks = layout.find_blocks(source_meta(source))
+    assert blocks is not None
+    removed = [tuple(f"{layout.branch(blocks[s.source], kind)}." for kind, gone in (("attn", s.drop_attn), ("mlp", s.drop_mlp))
+                     if gone and layout.branch(blocks[s.source], kind)) for s in plan.slots]
     prefix = block_prefix(list(source.infos), layout)
     weights = [0.0] * len(plan.slots)
     for t in tensors:

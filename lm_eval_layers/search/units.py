@@ -55,8 +55,10 @@ def unit_parameters(model: nn.Module, layout: Layout, halves: bool) -> dict[Unit
         if not halves:
             out[k] = sum(p.numel() for p in block.parameters())
             continue
-        if layout.mlp is None:
-            raise UsageError(f"--unit halves needs a separate MLP branch, which {type(model).__name__} lacks; use --unit block")
-        out[f"attn.{k}"] = sum(p.numel() for p in getattr(block, layout.attn).parameters())
-        out[f"mlp.{k}"] = sum(p.numel() for p in getattr(block, layout.mlp).parameters())
+        attn, mlp = layout.branch(block, "attn"), layout.branch(block, "mlp")
+        if attn is None or mlp is None:
+            raise UsageError(f"--unit halves needs separate attention and MLP branches, which block {k} of "
+                             f"{type(model).__name__} lacks; use --unit block")
+        out[f"attn.{k}"] = sum(p.numel() for p in getattr(block, attn).parameters())
+        out[f"mlp.{k}"] = sum(p.numel() for p in getattr(block, mlp).parameters())
     return out
