@@ -228,13 +228,17 @@ class Variant:
                 self._config.__class__ = type(self._config_class.__name__, (self._config_class,), dict.fromkeys(pinned))
                 self._config.__dict__.update(pinned)
             self._pinned = tuple(pinned)
-            problem = probe.check(model, blocks, plan, self.layout, self.original_blocks, clone_structure, family)
+            proven: set = self.original_blocks.__dict__.setdefault("_lm_eval_layers_proven", set())
+            key = (plan.num_layers, plan.slots)
+            problem = None if key in proven else probe.check(model, blocks, plan, self.layout, self.original_blocks,
+                                                               clone_structure, family)
         except BaseException:
             self.restore()
             raise
         if problem:
             self.restore()
             raise PlanError(problem)
+        proven.add(key)  # a plan's claims are properties of the family's code, not of the weights: proven once per model
 
     def restore(self) -> None:
         """Put the original blocks and config fields back (idempotent)."""
