@@ -5,6 +5,8 @@ entry), but original blocks share the original parameters and buffers: applying 
 no weights. Only synthesised `avg` blocks, zeroed output projections and a repair's folded down
 projections (`tensors`, from `lm_eval_layers.repair`) own new tensors.
 The original `nn.ModuleList` and config values are kept and put back by `Variant.restore()`.
+A plan is proven once per model by the identity probe (`lm_eval_layers.probe`) when first applied:
+whatever it claims that does not hold is refused in one line, and nothing stays applied.
 """
 
 from __future__ import annotations
