@@ -5,8 +5,8 @@ through a module nobody named is refused in one line instead of giving a wrong n
 
 One forward pass of the variant on a few tokens (any plan: a variant that fails is refused in one
 line, not at evaluation time); each checked slot's call (its arguments as the model passed them)
-is recorded and replayed on the alternative block where one is needed; then its last two tokens
-are decoded through the cache and must get the same logits.
+is recorded and replayed on the alternative block where one is needed; then its last token is
+decoded through the cache and must get the same logits.
 """
 
 from __future__ import annotations
@@ -140,33 +140,29 @@ def _slot_problem(k: int, slot: Slot, call: list[Any], blocks: nn.ModuleList, la
     return None
 
 
-CACHE_STEPS = 2  # the probe's last tokens, fed one at a time through the cache
+_CACHE_OUTPUTS = ("cache", "past_key_values", "state", "cache_params")  # what transformers models return their cache as
 
 
 def cache_problem(model: nn.Module, family: str, ids: torch.Tensor, logits: torch.Tensor) -> str | None:
-    """Decoding with the variant's cache must give the logits a forward pass without a cache gave
-    (`logits` for `ids`): a block reading another block's cache entry, or a per-layer state built
-    for the wrong kind of layer, breaks this. The probe's tokens are forced through `generate`
-    (which knows each family's cache); tolerance: rounding of the cached kernels in the model's dtype."""
-    can_generate = getattr(model, "can_generate", None)
-    if not (callable(can_generate) and can_generate()):
-        return None
-    prompt = ids[:, :-CACHE_STEPS]
-    forced = ids[0, -CACHE_STEPS:].tolist()
+    """The probe's last token decoded through the variant's cache must get the logits the forward
+    pass without a cache gave it (`logits` for `ids`): a block reading another block's cache entry,
+    or a per-layer state built for the wrong kind of layer, breaks this. The cache goes back in
+    under the name the model returned it by."""
     try:
         with torch.no_grad():
-            out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False, max_new_tokens=CACHE_STEPS,
-                min_new_tokens=CACHE_STEPS, prefix_allowed_tokens_fn=lambda _b, seq: [forced[len(seq) - prompt.shape[1]]],
-                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-            )
+            prefill = model(input_ids=ids[:, :-1], use_cache=True)
+            key = next((k for k in _CACHE_OUTPUTS if prefill.get(k) is not None), None)
+            if key is None:
+                return None  # the model keeps no cache
+            step = model(input_ids=ids[:, -1:], use_cache=True, **{key: prefill[key]})
     except Exception as e:  # noqa: BLE001
-        return f"{family} cannot generate with this plan and a cache ({_line(e)})"
-    cached = torch.stack([step[0].float() for step in out.logits])
-    plain = logits[0, -CACHE_STEPS - 1:-1].float()
+        return f"{family} cannot decode with this plan and a cache ({_line(e)})"
+    cached, plain = step.logits[0, -1].float(), logits[0, -1].float()
     dtype = next(model.parameters()).dtype
-    tolerance = (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, plain.abs().max().item())
-    if cached.shape != plain.shape or (cached - plain).abs().max().item() > tolerance:
+    # a state-space layer's chunked scan and its one-step recurrence differ at 1e-3 of the logits in
+    # fp32 (Bamba); a misplaced cache entry moves them by tenths
+    tolerance = (1e-2 if dtype == torch.float32 else 5e-2) * max(1.0, plain.abs().max().item())
+    if (cached - plain).abs().max().item() > tolerance:
         return (f"{family}: with this plan, decoding with the KV cache gives other logits than a forward pass "
                 "without it (a block reads state kept for another position), so the plan is refused")
     return None

@@ -58,6 +58,8 @@ def narrow(config: Any, depth: int | None = None, extra: dict[str, Any] | None =
                            ("qk_head_dim", NARROW["qk_rope_head_dim"] + NARROW["qk_nope_head_dim"])):
             if key in values:
                 kw[key] = value
+    if {"expand", "num_heads", "head_dim"} <= set(values):  # Mamba-2: heads × head size = expand × width
+        kw.update(num_heads=NARROW["hidden_size"] * values["expand"] // NARROW["head_dim"], n_groups=1)
     kw.update({k: v for k, v in (extra or {}).items() if k in values})
     for k in values:
         sub = config.__dict__.get(k)

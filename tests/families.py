@@ -30,7 +30,6 @@ DEPTH = 4
 # Families whose defaults leave no attention block (or an inconsistent shape) in four blocks.
 FAMILY: dict[str, dict[str, Any]] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1),
     "bamba": dict(attn_layer_indices=[1, 3]),
     # Gemma 4 without per-layer input embeddings (those models are refused: see arch.POSITION_BOUND)
     **{name: dict(hidden_size_per_layer_input=0) for name in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")},
