@@ -125,8 +125,8 @@ def _slot_problem(k: int, slot: Slot, call: list[Any], blocks: nn.ModuleList, la
             through = f" ({', '.join(culprits[:3])} still writes to the residual stream)" if culprits else ""
             return (f"{family} block {k} ({slot.describe()}) is not the identity with {what}{through}, "
                     f"so {'this insert' if slot.zero_out else 'removing both branches'} cannot be built exactly")
-        if slot.zero_out:
-            return None
+        if slot.zero_out or any(p.device.type == "meta" for p in original[slot.source].parameters()):
+            return None  # offloaded weights: the written form cannot be rebuilt here (the twin proved it)
         written = written_form(layout, original[slot.source], slot, clone)
         try:
             stored = _hidden(written(*args, **kwargs))

@@ -30,7 +30,7 @@ class _Skipped(nn.Module):
 
     Its output has the shape of the branch it replaces (a tensor, or a tuple whose first item is
     the branch's output: attention weights, router logits, … are None), learned once by calling
-    the replaced branch on the first input, which is the identity probe's (no cache).
+    the replaced branch on the first input, without the cache.
     """
 
     def __init__(self, replaced: nn.Module, residual_inside: bool = False) -> None:
@@ -40,9 +40,10 @@ class _Skipped(nn.Module):
         self.residual_inside = residual_inside
 
     def _output(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self._arity is None:
+        if self._arity is None:  # learned without the cache, which only this module's placeholder may touch
+            uncached = {k: None if k in _CACHE_KWARGS else v for k, v in kwargs.items()}
             with torch.no_grad():
-                out = self._replaced[0](hidden_states, *args, **kwargs)
+                out = self._replaced[0](hidden_states, *args, **uncached)
             self._arity = len(out) if isinstance(out, (tuple, list)) else 0
         zero = args[0] if self.residual_inside else torch.zeros_like(hidden_states)
         return zero if self._arity == 0 else (zero, *(None,) * (self._arity - 1))
@@ -64,7 +65,7 @@ class SkippedAttention(_Skipped):
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
         layers = getattr(cache, "layers", None)
         keeps_keys = layers is None or (self.layer_idx < len(layers) and hasattr(layers[self.layer_idx], "keys"))
-        if self._arity is not None and self.records_cache and cache is not None and hasattr(cache, "update") and keeps_keys:
+        if self.records_cache and cache is not None and hasattr(cache, "update") and keeps_keys:
             batch, length = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, length, 1)
             cache.update(placeholder, placeholder, self.layer_idx)
