@@ -48,10 +48,11 @@ def device() -> str:
 
 def one_replica(lm: Any) -> None:
     """Every process holds a whole replica and evaluates coalitions of its own, so lm-eval must
-    not split one variant's requests across processes. Under a launcher lm-eval 0.4.13's HFLM
-    takes rank and world size from accelerate, and offers no public way to set them (`rank` and
-    `world_size` are read-only properties): its private fields are set here, and only here."""
-    lm._rank, lm._world_size = 0, 1
+    not split one variant's requests across processes (under a launcher HFLM takes rank and world
+    size from accelerate)."""
+    from lm_eval_layers.compat.harness import set_replica
+
+    set_replica(lm, 0, 1)
 
 
 def broadcast(value: Any, world: int) -> Any:

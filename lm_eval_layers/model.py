@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import importlib.util
 import inspect
-import re
 import sys
 from typing import Any, Iterator
 
@@ -27,6 +25,9 @@ from tqdm import tqdm
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_layers.compat.harness import ScoringSeam, under_lm_eval_cli, use_cache_table
+from lm_eval_layers.compat.loading import loading_options
+
 from lm_eval_layers.arch import check_plan, num_layers
 from lm_eval_layers.twin import twin_problem
 from lm_eval_layers.default_model import resolve_alias
@@ -34,6 +35,7 @@ from lm_eval_layers.errors import LayersError, PlanError, UsageError
 from lm_eval_layers.identity import digest, model_identity
 from lm_eval_layers.loglikelihood import Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
+from lm_eval_layers.pruned_load import loads_pruned, pruned_folder
 from lm_eval_layers.scores_file import load_scores
 from lm_eval_layers.variant import Variant, apply_plan, clone_model
 
@@ -63,12 +65,14 @@ def _load_config(pretrained: str, kwargs: dict[str, Any]) -> Any:
 
 
 @register_model("layered")
-class LayeredLM(HFLM):
+class LayeredLM(ScoringSeam):
     """An `hf` model evaluated as a variant: blocks dropped, halves removed, blocks inserted."""
 
-    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool | str = True, **kwargs: Any) -> None:
+    def __init__(self, pretrained: str | transformers.PreTrainedModel = "smollm2", fast: bool | str = True,
+                 keep_base: bool | str = False, **kwargs: Any) -> None:
         with _one_line_under_lm_eval_cli():
             self.prepared = _switch("fast", fast)  # prepared requests for log-likelihoods, or hf's own loop
+            keep_base = _switch("keep_base", keep_base)  # hold the whole model, to switch plans with use_plan
             spec = PlanSpec.from_args(**load_scores(plan_args(kwargs)))
             _check_dtypes(kwargs)
             pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))
@@ -84,21 +88,33 @@ class LayeredLM(HFLM):
             if isinstance(pretrained, transformers.PreTrainedModel) and not plan.is_identity:
                 pretrained = clone_model(pretrained)  # the caller's model is left untouched
             self._settings = _settings(pretrained, kwargs, self.prepared)
-            self._cache_db: Any = None  # lm-eval's response cache, once `set_cache_hook` hands it over
-            super().__init__(pretrained=pretrained, **kwargs)
+            self.pruned_on_load = loads_pruned(pretrained, plan, kwargs, keep_base)
             self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
             self.variant: Variant | None = None
-            self.use_plan(plan)
+            if self.pruned_on_load:  # the dropped blocks are never loaded
+                with _write_bar() as progress, pruned_folder(pretrained, kwargs.pop("gguf_file", None), plan,
+                                                             kwargs.get("dtype"), progress) as folder:
+                    super().__init__(pretrained=str(folder), **kwargs)
+                self.plan = plan
+                self._use_cache_table()
+            else:
+                super().__init__(pretrained=pretrained, **kwargs)
+                self.use_plan(plan)
 
     def use_plan(self, plan: LayerPlan | PlanSpec) -> LayerPlan:
         """Switch this loaded model to another variant in place (no reload, no weight copies)."""
         if isinstance(plan, PlanSpec):
             plan = plan.resolve(self.plan.num_layers)
+        if self.pruned_on_load:
+            if plan != self.plan:
+                raise PlanError(f"this model was loaded without the blocks its plan ({self.plan.describe()}) removes; "
+                                "give keep_base=True to switch plans with use_plan")
+            return plan
         if self.variant is not None:
             self.variant.restore()
             self.variant = None
         if not plan.is_identity:
-            base = _base_model(self._model)
+            base = _base_model(self.model)
             self.variant = apply_plan(base, plan, self._repaired_tensors(base, plan))
         self.plan = plan
         self._use_cache_table()
@@ -124,24 +140,17 @@ class LayeredLM(HFLM):
         and a repeated variant is answered from its table. lm-eval offers no other seam: the
         wrapper is built inside `simple_evaluate` around an already created model."""
         super().set_cache_hook(cache_hook)
-        self._cache_db = getattr(cache_hook, "dbdict", None)
         self._use_cache_table()
 
     def _use_cache_table(self) -> None:
-        db = getattr(self, "_cache_db", None)
-        if db is None:
-            return
-        from sqlitedict import SqliteDict
+        if getattr(self, "cache_hook", None) is not None:  # set by lm-eval's LM.__init__, after our first use_plan
+            use_cache_table(self.cache_hook, "layered-" + digest({**self._settings, "plan": self.plan.to_dict()}))
 
-        table = "layered-" + digest({**self._settings, "plan": self.plan.to_dict()})
-        SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
-        db.tablename = table
-
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def score_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
         """Prepared requests, each shared context computed once (causal models); `hf`'s loop
         otherwise or with fast=False."""
         if not self.prepared or self.backend != "causal":
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return self.hf_score_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         reqs = [Request.from_tokens(ctx, cont, self.max_length) for _, ctx, cont in requests]
         rows = override_bs or (self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size)
         batches = make_batches(reqs, rows, window=attention_window(self.model.config))
@@ -152,6 +161,23 @@ class LayeredLM(HFLM):
             if key is not None:  # rolling windows are cached per document by loglikelihood_rolling
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return results
+
+
+@contextlib.contextmanager
+def _write_bar() -> Iterator[Any]:
+    """lm-eval's progress style (tqdm) for writing the kept blocks."""
+    bar = tqdm(total=None, desc="Writing the blocks the plan keeps", unit="B", unit_scale=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()  # before lm-eval's own loading bars
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 def _base_model(model: Any) -> Any:
@@ -206,26 +232,16 @@ def _hf_arguments() -> frozenset[str]:
     return frozenset(_named_parameters(HFLM.__init__) - {"self"})
 
 
-@functools.cache
-def _loading_options() -> frozenset[str]:
-    """What `hf` forwards to transformers' `from_pretrained` and it accepts (attn_implementation,
-    device_map, quantization_config, …): its named parameters and the options it pops from its
-    `**kwargs`, read from its source because its signature does not list them."""
-    load = transformers.PreTrainedModel.from_pretrained
-    popped = re.findall(r"""kwargs\.pop\(\s*["'](\w+)["']""", inspect.getsource(load))
-    return frozenset(_named_parameters(load) | set(popped))
-
-
 def _check_names(kwargs: dict[str, Any], config: Any) -> None:
     """Every key is a plan argument (taken out already), an `hf` argument, a transformers loading
     option or a config field to override; anything else (`dorp=24-27`) is named here, with the
     nearest known key, instead of failing inside transformers with a TypeError."""
-    known = _hf_arguments() | _loading_options()
+    known = _hf_arguments() | loading_options()
     for key in kwargs:
         if key in known or hasattr(config, key):
             continue
         public = [k for k in sorted(known) if not k.startswith("_")]
-        near = difflib.get_close_matches(key, [*PlanSpec.ARGS, "fast", *public], n=1, cutoff=0.6)
+        near = difflib.get_close_matches(key, [*PlanSpec.ARGS, "fast", "keep_base", *public], n=1, cutoff=0.6)
         hint = (f"did you mean {near[0]}?" if near else
                 f"give a plan argument ({', '.join(PlanSpec.ARGS)}), an hf argument (dtype, device, batch_size, …) "
                 "or a transformers loading option (attn_implementation, …)")
@@ -240,19 +256,7 @@ def _one_line_under_lm_eval_cli() -> Iterator[None]:
     try:
         yield
     except LayersError as e:
-        if not _under_lm_eval_cli():
+        if not under_lm_eval_cli():
             raise
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _under_lm_eval_cli() -> bool:
-    """Whether lm-eval's entry point (`cli_evaluate`: the `lm_eval` script, `python -m lm_eval`)
-    is on the call stack."""
-    spec = importlib.util.find_spec("lm_eval.__main__")
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "cli_evaluate" and spec is not None and frame.f_code.co_filename == spec.origin:
-            return True
-        frame = frame.f_back
-    return False

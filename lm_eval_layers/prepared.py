@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 from lm_eval_layers.arch import layout_for
+from lm_eval_layers.compat.harness import encoded_requests
 from lm_eval_layers.hooks import pre_hooks, record_input, replace_input
 from lm_eval_layers.loglikelihood import Around, Request, attention_window, make_batches, run_batches
 from lm_eval_layers.plan import LayerPlan, Slot
@@ -49,7 +50,7 @@ class PreparedRequests:
             self.docs[name] = {inst.doc_id: inst.doc for inst in task.instances}
             instances += task.instances
             self.keys += [(name, inst.doc_id, inst.idx) for inst in task.instances]
-        self.requests = [Request.from_tokens(ctx, cont, lm.max_length) for ctx, cont in _encoded(lm, instances)]
+        self.requests = [Request.from_tokens(ctx, cont, lm.max_length) for ctx, cont in encoded_requests(lm, instances)]
         self.batches = make_batches(self.requests, batch_size, max_batch_tokens, attention_window(lm.model.config))
 
     @property
@@ -117,21 +118,3 @@ class PreparedEngine:
         for (task, doc_id, idx), res in zip(self.prepared.keys, self.loglikelihoods(plan)):
             by_doc.setdefault((task, doc_id), []).append((idx, res))
         return {k: [res for _, res in sorted(v)] for k, v in by_doc.items()}
-
-
-def _encoded(lm: Any, instances: list[Any]) -> list[tuple[list[int], list[int]]]:
-    """lm-eval's own tokenisation of loglikelihood requests: `lm.loglikelihood` runs with its
-    scoring step replaced by a recorder, so lm-eval's rules (empty contexts, whitespace, special
-    tokens) are used as they are, never restated here."""
-    recorded: list[tuple[Any, list[int], list[int]]] = []
-
-    def record(requests: list, **_kwargs: Any) -> list[tuple[float, bool]]:
-        recorded.extend(requests)
-        return [(0.0, False)] * len(requests)
-
-    lm._loglikelihood_tokens = record  # an instance attribute shadows the method for this call
-    try:
-        lm.loglikelihood(instances, disable_tqdm=True)
-    finally:
-        del lm._loglikelihood_tokens
-    return [(ctx, cont) for _, ctx, cont in recorded]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lm_eval_layers.arch import INDEX_ATTRIBUTES, Layout, check_plan, computed_mismatch, config_updates, layout_for, text_config
+from lm_eval_layers.compat.offload import offloaded_values
 from lm_eval_layers import probe
 from lm_eval_layers.plan import LayerPlan, PlanError, Slot
 from lm_eval_layers.recipes import synthesize
@@ -110,20 +111,6 @@ def _set_layer_idx(module: nn.Module, idx: int) -> None:
                 setattr(sub, name, idx)
 
 
-def _offloaded_values(block: nn.Module) -> dict[int, torch.Tensor]:
-    """Real values of the parameters accelerate keeps offloaded (meta tensors), by parameter id,
-    on the device the block runs on."""
-    out: dict[int, torch.Tensor] = {}
-    for sub in block.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
-            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
-                for name, param in sub.named_parameters(recurse=False):
-                    if param.device.type == "meta":
-                        out[id(param)] = h.weights_map[name].to(h.execution_device)
-    return out
-
-
 def _in_memory(block: nn.Module, device: torch.device) -> None:
     """A synthesised block owns its tensors: drop the offload hooks cloned from its source (they
     would load the source's weights) and only move inputs to the block's device."""
@@ -145,7 +132,7 @@ def build_slot(layout: Layout, blocks: nn.ModuleList, slot: Slot, idx: int,
     offloaded: dict[int, torch.Tensor] = {}
     if slot.synthesized:
         for j in slot.sources:  # weights accelerate offloaded (parallelize=True) are read back
-            offloaded.update(_offloaded_values(blocks[j]))
+            offloaded.update(offloaded_values(blocks[j]))
         others = [dict(blocks[j].named_parameters()) for j in slot.sources]
         for name, param in source.named_parameters():
             own = offloaded.get(id(param), param.data)

@@ -96,7 +96,7 @@ class Bars(Progress):
             self._say(task_id)
 
     def _say(self, task_id: TaskID) -> None:
-        task = self._tasks[task_id]
+        task = next(t for t in self.tasks if t.id == task_id)  # rich keeps them by id privately
         now = time.monotonic()
         if now - self._said.get(task_id, task.start_time or now) < self._every and not task.finished:
             return

@@ -20,6 +20,7 @@ from lm_eval_layers.arch import Layout, layout_for
 from lm_eval_layers.default_model import ALIAS, smollm2_gguf
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.checkpoint.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
+from lm_eval_layers.compat.gguf_names import GGUFNames
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
@@ -100,7 +101,6 @@ class GGUFFile:
     def __init__(self, path: Path, name: str | None = None) -> None:
         import transformers
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         self.name = name or str(path)
         self.folder = None
@@ -114,15 +114,14 @@ class GGUFFile:
         self.config = config.to_dict()
         arch_field = self.reader.fields["general.architecture"]
         architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
         meta = meta_model(config)
-        mapping = get_gguf_hf_weights_map(meta, self.processor)
+        self.names = GGUFNames(config, meta, architecture)
         shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self._tensors = {}
         self.infos = {}
         self.stored: dict[str, tuple[str, int]] = {}  # name -> the file's own type (Q4_1, F32, …) and bytes
         for t in self.reader.tensors:
-            hf_name = mapping.get(t.name)
+            hf_name = self.names.hf_name(t.name)
             if hf_name is None or hf_name not in shapes:
                 continue
             self._tensors[hf_name] = t
@@ -136,7 +135,7 @@ class GGUFFile:
         from gguf import dequantize
 
         t = self._tensors[name]
-        weights = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
+        weights = self.names.values(dequantize(t.data, t.tensor_type), t.name)
         tensor = torch.from_numpy(weights.copy()).to(torch.float32)
         expected = self.infos[name].shape
         return tensor.reshape(expected)
@@ -148,9 +147,7 @@ def _config_object(folder: Path, config: dict[str, Any]) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - whatever transformers refuses in a config is the user's input
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if config.get("model_type") in CONFIG_MAPPING:
+        if config.get("model_type") in transformers.CONFIG_MAPPING:
             raise UsageError(f"transformers refuses {folder}/config.json: {str(e).strip().splitlines()[-1].strip()[:200]}") from None
         raise UsageError(
             f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: transformers cannot build it "

@@ -24,6 +24,7 @@ from lm_eval_layers.arch import layout_for, num_layers
 from lm_eval_layers.checkpoint import PLAN_FILE
 from lm_eval_layers.checkpoint.sources import Source, load_tokenizer, open_model
 from lm_eval_layers.checkpoint.writer import base_model
+from lm_eval_layers.compat.trainer_state import session_tokens
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.training import data as D
@@ -149,7 +150,7 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
 
     state = trainer.state
     tokens = state.num_input_tokens_seen
-    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # tokens of earlier sessions (resume)
+    session = session_tokens(trainer)  # without earlier sessions of a resumed run
     log = {
         "model": settings.model, "data": settings.data, "format": fmt.value, "out": str(settings.out),
         "selection": selection.description, "blocks": list(selection.blocks), "head": selection.head,
@@ -161,7 +162,7 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
         "trainable_parameters": count, "total_parameters": total, "trainable_names": names,
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "steps": state.global_step, "epochs": state.epoch, "tokens": tokens, "world_size": args.world_size,
-        "wall_seconds": seconds, "tokens_per_second": session_tokens / max(seconds, 1e-9),
+        "wall_seconds": seconds, "tokens_per_second": session / max(seconds, 1e-9),
         "seconds_per_step": seconds / max(state.global_step - _start_step(resume_from), 1),
         "resumed_from_step": _start_step(resume_from), "train_loss": result.training_loss,
         "eval_loss_before": before, "eval_loss": after, "learning_rate": settings.lr, "dtype": settings.dtype.value,

@@ -88,8 +88,8 @@ class Gates(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if GATES_ATTRIBUTE in model._modules:
-            del model._modules[GATES_ATTRIBUTE]
+        if hasattr(model, GATES_ATTRIBUTE):
+            delattr(model, GATES_ATTRIBUTE)
 
 
 def delta_norms(model: nn.Module, layout: Layout, units: list[Unit]) -> list[float]:

@@ -1,10 +1,7 @@
-"""Every use of an upstream internal that no public API offers, fenced here with a test each
-(tests/test_compat.py) that fails on an upgrade that changes it.
-
-- transformers' checkpoint conversion mapping (`conversion_mapping.get_checkpoint_conversion_mapping`
-  and its `WeightRenaming`/`WeightConverter` entries' `source_patterns`/`target_patterns`): how a
-  stored tensor name becomes the loaded model's parameter name, so that the checkpoint writer
-  zeroes on disk exactly the projections the loaded model has.
+"""transformers' checkpoint conversion mapping (`conversion_mapping.get_checkpoint_conversion_mapping`
+and its `WeightRenaming`/`WeightConverter` entries' `source_patterns`/`target_patterns`, new in
+transformers 5): how a stored tensor name becomes the loaded model's parameter name, so that the
+checkpoint writer zeroes on disk exactly the projections the loaded model has.
 """
 
 from __future__ import annotations
