@@ -19,7 +19,7 @@ from lm_eval_layers import variant
 from lm_eval_layers.checkpoint.sources import open_model, source_layout
 from lm_eval_layers.checkpoint.structure import written_problem
 from lm_eval_layers.checkpoint.writer import plan_tensors, planned_config
-from lm_eval_layers.compat import loaded_name
+from lm_eval_layers.compat.stored_names import loaded_name
 from lm_eval_layers.default_model import smollm2_gguf
 from lm_eval_layers.plan import PlanSpec
 

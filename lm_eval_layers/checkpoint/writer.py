@@ -25,7 +25,7 @@ import torch
 
 from lm_eval_layers import __version__
 from lm_eval_layers.checkpoint import NEW_PARAMS_FILE, PLAN_FILE
-from lm_eval_layers.compat import loaded_name
+from lm_eval_layers.compat.stored_names import loaded_name
 from lm_eval_layers.arch import Layout, check_plan, config_updates, text_config
 from lm_eval_layers.default_model import ALIAS, HUB_ID
 from lm_eval_layers.plan import LayerPlan, Slot
