@@ -23,6 +23,12 @@ _SEPARATOR = re.compile(r"\s*[,;]\s*|\s+")  # one comma or semicolon (spaces aro
 _INDEX_OR_RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
 
 
+def unit_name(block: int, half: str | None = None) -> str:
+    """The one written form of what importance and search remove, in every JSON file and table:
+    a whole block `7`, or one of its branches `attn.7` / `mlp.7` (`drop_attn=7` in plan syntax)."""
+    return str(block) if half is None else f"{half}.{block}"
+
+
 @dataclass(frozen=True)
 class Slot:
     """One block of the resulting stack.

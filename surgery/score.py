@@ -137,7 +137,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
         ax.axhline(loss, ls="--", color="#cc3311", lw=1, label=f"v(N) − chance = {loss:.3f}")
         ax.legend(loc="upper right", fontsize=8)
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(x, [u["name"].replace("block ", "") for u in units], rotation=90, fontsize=7)
+    ax.set_xticks(x, [u["name"].removeprefix("block ") for u in units], rotation=90, fontsize=7)
     ax.set_ylabel(f"{result['method']} value ({result.get('metric') or 'distance'}), 95% CI")
     ax.set_title(f"{result['model']}: {result['method']} per {result['unit']}", fontsize=10)
     fig.tight_layout()

@@ -15,6 +15,7 @@ from typing import Literal
 from lm_eval_layers.calibration import calibration_option
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import shapiq_adapter
+from lm_eval_layers.plan import unit_name
 from lm_eval_layers.precision import DType
 from lm_eval_layers.settings import argument, option
 from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
@@ -91,8 +92,8 @@ class Unit(str, Enum):
 
     def names(self, num_layers: int) -> list[str]:
         if self is Unit.block:
-            return [f"block {i}" for i in range(num_layers)]
-        return [f"{half} {i}" for i in range(num_layers) for half in ("attn", "mlp")]
+            return [unit_name(i) for i in range(num_layers)]
+        return [unit_name(i, half) for i in range(num_layers) for half in ("attn", "mlp")]
 
 
 class Metric(str, Enum):

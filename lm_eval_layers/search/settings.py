@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType
+from lm_eval_layers.shares import parse_share
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 from lm_eval_layers.calibration import calibration_option, parse_shape, seed_option, tokens_option
 from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
@@ -102,14 +103,7 @@ class SearchSettings:
     def keep_share(self) -> float | None:
         if self.params is None:
             return None
-        text = self.params.strip().removesuffix("%")
-        try:
-            share = float(text) / 100
-        except ValueError:
-            share = -1.0
-        if not 0 < share < 1:
-            raise UsageError(f"--params {self.params}: give the share of parameters to keep, strictly between 0% and 100%, e.g. 75%")
-        return share
+        return parse_share("--params", self.params, allow_whole=False)
 
     @property
     def beam(self) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lm_eval_layers.arch import Layout
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.plan import LayerPlan, PlanSpec
+from lm_eval_layers.plan import LayerPlan, PlanSpec, unit_name
 
 Unit = Union[int, str]  # block index, or "attn.K" / "mlp.K"
 
@@ -19,7 +19,7 @@ def all_units(num_layers: int, halves: bool) -> list[Unit]:
     """Every unit in stack order (attn0, mlp0, attn1, … for halves)."""
     if not halves:
         return list(range(num_layers))
-    return [f"{kind}.{k}" for k in range(num_layers) for kind in ("attn", "mlp")]
+    return [unit_name(k, kind) for k in range(num_layers) for kind in ("attn", "mlp")]
 
 
 def block_of(unit: Unit) -> int:

@@ -34,6 +34,7 @@ from lm_eval_layers.arch import Layout
 from lm_eval_layers.checkpoint import NEW_PARAMS_FILE
 from lm_eval_layers.errors import PlanError, SelectionError
 from lm_eval_layers.plan import format_indices, parse_indices
+from lm_eval_layers.shares import parse_share
 from lm_eval_layers.training import ila_file
 from lm_eval_layers.training.units import WHOLE_BLOCK, UnitKind
 
@@ -98,7 +99,7 @@ def with_head(selection: Selection) -> Selection:
 
 def top_units(path: Path, top: str, num_blocks: int, model_type: str | None) -> Selection:
     """The top share of an ila.json's units (by its rank), as blocks or as single matrices."""
-    share = parse_share(top)
+    share = parse_share("--top", top, error=SelectionError)
     document = ila_file.read(path)
     if document.get("num_layers") != num_blocks or (model_type and document.get("model_type") not in (None, model_type)):
         raise SelectionError(
@@ -114,18 +115,6 @@ def top_units(path: Path, top: str, num_blocks: int, model_type: str | None) -> 
     return Selection(blocks, f"{label}: {len(matrices)} matrices in blocks {format_indices(blocks)}", matrices)
 
 
-def parse_share(text: str) -> float:
-    """`30%` or `0.3` -> 0.3, refused outside (0, 100%]."""
-    value = text.strip()
-    try:
-        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise SelectionError(f"--top {text!r} is not a share; write it like 30% or 0.3") from None
-    if not 0 < share <= 1:
-        raise SelectionError(f"--top {text} is outside (0, 100%]; give a share like 30%")
-    return share
-
-
 def block_indices(option: str, spec: str, num_blocks: int) -> list[int]:
     """A plan-syntax index list resolved against the depth (negatives count from the end)."""
     try:
@@ -135,12 +124,15 @@ def block_indices(option: str, spec: str, num_blocks: int) -> list[int]:
 
 
 def bottom_count(value: str, num_blocks: int) -> int:
-    """`25%` -> a quarter of the blocks (rounded), `3` -> 3; must leave one block to train."""
+    """`25%` or `0.25` -> a quarter of the blocks (rounded), `3` -> 3; must leave one block to train."""
     text = value.strip()
-    try:
-        count = round(float(text[:-1]) / 100 * num_blocks) if text.endswith("%") else int(text)
-    except ValueError:
-        raise SelectionError(f"--freeze-bottom {value!r} is not a share or a count; write it like 25% or 4") from None
+    if text.endswith("%") or "." in text:
+        count = round(parse_share("--freeze-bottom", text, allow_none=True, error=SelectionError) * num_blocks)
+    else:
+        try:
+            count = int(text)
+        except ValueError:
+            raise SelectionError(f"--freeze-bottom {value!r} is not a share or a count; write it like 25% or 4") from None
     if not 0 <= count < num_blocks:
         raise SelectionError(
             f"--freeze-bottom {value} freezes {count} of {num_blocks} blocks; leave at least one block to train (0..{num_blocks - 1})"
