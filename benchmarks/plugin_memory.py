@@ -5,6 +5,8 @@ validation[:N], batch 32). Target (issue 30): layered within 5% of hf on the pru
 Each run is its own process; its peak RSS is read from the kernel (`ru_maxrss` of the waited
 child). `keep_base=True` (the whole model held, to switch plans) and `hf` on the unpruned model
 are measured beside them for scale, and the per-sample log-likelihoods of layered and hf compared.
+The target ratio compares `fast=False` (hf's own log-likelihood loop, so the same evaluation) with
+hf; the default prepared requests need less memory still.
 
     python benchmarks/plugin_memory.py [--drop 20-27] [--limit 40]
 """
@@ -60,6 +62,8 @@ def main() -> None:
         runs = {
             "hf_pruned_folder": lm_eval("hf", f"pretrained={work / 'pruned'}", args.limit, work / "a"),
             "layered_drop": lm_eval("layered", f"pretrained=smollm2,drop={args.drop}", args.limit, work / "b"),
+            "layered_drop_fast_false": lm_eval("layered", f"pretrained=smollm2,drop={args.drop},fast=False", args.limit,
+                                               work / "e"),
             "layered_drop_keep_base": lm_eval("layered", f"pretrained=smollm2,drop={args.drop},keep_base=True",
                                               args.limit, work / "c"),
             "layered_no_plan": lm_eval("layered", "pretrained=smollm2", args.limit, work / "d"),
@@ -71,7 +75,8 @@ def main() -> None:
             print(name, measured[name], flush=True)
         a, b = loglikelihoods(work / "a"), loglikelihoods(work / "b")
         max_diff = max(abs(x - y) for x, y in zip(a, b))
-    ratio = measured["layered_drop"]["peak_rss_mib"] / measured["hf_pruned_folder"]["peak_rss_mib"]
+    # fast=False runs hf's own log-likelihood loop: the same evaluation, so the difference is what is loaded
+    ratio = measured["layered_drop_fast_false"]["peak_rss_mib"] / measured["hf_pruned_folder"]["peak_rss_mib"]
     result = {
         "model": "smollm2 (embedded GGUF, fp32)", "drop": args.drop, "task": TASK, "limit": args.limit,
         "runs": measured, "layered_over_hf_pruned": round(ratio, 3), "target": "<= 1.05",

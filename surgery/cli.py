@@ -26,7 +26,7 @@ import typer
 from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, WriteSettings
 from surgery.bench import bench
 from surgery.ila import app as ila_app
-from surgery.options import Bars, ModelArg, command, console, status, user_errors
+from surgery.options import Bars, ModelArg, command, console, user_errors
 from surgery.score import score
 from surgery.search import search
 from surgery.train import train
@@ -36,53 +36,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _write(command_name: str, settings: WriteSettings) -> None:
-    """Check every argument that needs no weights (plan syntax, output folder, the plan against
-    the model's depth), then stream the variant to disk."""
-    with user_errors():
-        from lm_eval_layers.arch import num_layers
-        from lm_eval_layers.outputs import check_folder
+    """The library writes (`checkpoint.commands`); this renders its progress and result."""
+    from rich.progress import BarColumn, TaskProgressColumn, TimeElapsedColumn
 
-        spec = settings.spec()
-        model_dir = Path(settings.model).expanduser()
-        check_folder(settings.out, settings.force, inside=model_dir if model_dir.is_dir() else None)
-        with status(f"opening {settings.model}…"):
-            from lm_eval_layers.checkpoint.sources import open_model
-            from lm_eval_layers.checkpoint.writer import write_variant
+    from lm_eval_layers.checkpoint.commands import write_plan
 
-            source = open_model(settings.model)
-            plan = spec.resolve(num_layers(source.config), source.config.get("model_type"))
-        fit = _fit(source, plan, settings) if plan.repair is not None else None
-        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+    with user_errors(), Bars("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                             TimeElapsedColumn(), transient=True) as bars:
+        tasks: dict[str, object] = {}
 
-        columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())
-        with Bars(*columns, transient=True) as bars:
-            bar = bars.add_task(f"writing {plan.describe()}", total=None)
-            written = write_variant(source, plan, settings.out, command=command_name,
-                                    dtype=settings.dtype.torch if settings.dtype else None,
-                                    max_shard_size=settings.shard_bytes, force=settings.force, verify=settings.verify,
-                                    progress=lambda done, total: bars.update(bar, completed=done, total=total), repair=fit)
-    for run in fit.report if fit else []:
+        def progress(what: str, done: int, total: int | None) -> None:
+            if what not in tasks:
+                tasks[what] = bars.add_task(what, total=total)
+            bars.update(tasks[what], completed=done, total=total)
+
+        result = write_plan(command_name, settings, progress)
+    written = result.written
+    for run in result.repair:
         console.print(f"repair: blocks {run['blocks'][0]}-{run['blocks'][1]} -> map folded into block {run['folded_into']}, "
                       f"{run['tokens']:,} tokens, calibration residual {run['residual_vs_drop']:.1%} of plain dropping's"
-                      + (" (cached fit)" if fit.cached else f", {run['seconds']:.1f} s"))
+                      + (" (cached fit)" if result.repair_cached else f", {run['seconds']:.1f} s"))
     if written.max_logit_diff is not None:
         console.print(f"verified: max |Δ logit| = {written.max_logit_diff:.3g} against the in-memory variant")
-    console.print(f"wrote {written.out}: {plan.describe()}; {len(written.files)} file(s), "
+    console.print(f"wrote {written.out}: {written.plan.describe()}; {len(written.files)} file(s), "
                   f"{written.bytes / 1e6:.1f} MB in {written.seconds:.1f} s")
-
-
-def _fit(source, plan, settings: WriteSettings):
-    """The repair's maps, fitted on the source model with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
-
-    from lm_eval_layers.repair.fit import fit_source
-
-    with Bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-              transient=True) as bars:
-        bar = bars.add_task("loading the model to fit the repair", total=None)
-        return fit_source(source, plan, settings.dtype.torch if settings.dtype else None,
-                          progress=lambda text, done, total: bars.update(bar, description=text, completed=done, total=total))
 
 
 @app.command()

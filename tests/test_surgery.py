@@ -297,3 +297,20 @@ def test_console_script_and_module_entry_points(tmp_path):
     # stderr is not a terminal: progress comes as plain lines, not a silent bar
     assert "writing 6 -> 5 blocks: drop blocks 1:" in proc.stderr and "wrote " in proc.stderr
     assert "_name_or_path" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
+
+
+def test_prune_and_expand_are_library_calls_with_the_clis_result(tmp_path):
+    """A Python user writes exactly what the CLI writes (`checkpoint.commands`), and is told
+    what happens through the progress callback."""
+    from lm_eval_layers.checkpoint.commands import expand, prune
+    from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings
+
+    src = save(make_model("llama"), tmp_path / "src")
+    seen: list[tuple[str, int, int | None]] = []
+    result = prune(PruneSettings(model=str(src), out=tmp_path / "lib", drop="1-2"), lambda *a: seen.append(a))
+    assert result.written.plan.num_layers == DEPTH and len(result.written.plan.slots) == DEPTH - 2
+    assert seen[0][0] == f"opening {src}" and seen[-1][0].startswith("writing") and seen[-1][1] == seen[-1][2]
+    assert surgery("prune", src, "--drop", "1-2", "--out", tmp_path / "cli").exit_code == 0
+    assert raw_tensors(tmp_path / "lib") == raw_tensors(tmp_path / "cli")
+    grown = expand(ExpandSettings(model=str(src), out=tmp_path / "grown", insert="2:copy-zero"))
+    assert json.loads((grown.written.out / "config.json").read_text())["num_hidden_layers"] == DEPTH + 1
