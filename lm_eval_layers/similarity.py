@@ -12,7 +12,8 @@ from lm_eval_layers.calibration import calibration_windows
 
 @torch.no_grad()
 def block_similarity(model: torch.nn.Module, batches: list[torch.Tensor], position: str = "last") -> dict[str, list[float]]:
-    """Per-block angular distance and block influence, averaged over the calibration batches."""
+    """Per-block angular distance and block influence, averaged over every token of the
+    calibration batches (over every window's last token for the angular distance at `last`)."""
     blocks = layout_for(model).find_blocks(model)
     assert blocks is not None
     inputs: dict[int, torch.Tensor] = {}
@@ -31,20 +32,24 @@ def block_similarity(model: torch.nn.Module, batches: list[torch.Tensor], positi
     for i, block in enumerate(blocks):
         pre, post = hooks(i)
         handles += [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
-    angular = torch.zeros(len(blocks))
-    influence = torch.zeros(len(blocks))
+    # Sums over every token (every window's last token for `last`) and their counts: batches of
+    # unequal size (6 windows in batches of 4) weigh each token alike, as the definitions do.
+    angular = torch.zeros(len(blocks), dtype=torch.float64)
+    influence = torch.zeros(len(blocks), dtype=torch.float64)
+    positions = tokens = 0
     try:
         for ids in batches:
             model(ids.to(model.device))
             for i in range(len(blocks)):
-                cos = torch.nn.functional.cosine_similarity(inputs[i], outputs[i], dim=-1)  # batch × tokens
+                cos = torch.nn.functional.cosine_similarity(inputs[i], outputs[i], dim=-1).double()  # batch × tokens
                 chosen = cos[:, -1] if position == "last" else cos.reshape(-1)
-                angular[i] += torch.arccos(chosen.clamp(-1, 1)).mean() / torch.pi
-                influence[i] += 1 - cos.mean()
+                angular[i] += (torch.arccos(chosen.clamp(-1, 1)) / torch.pi).sum()
+                influence[i] += (1 - cos).sum()
+            positions, tokens = positions + chosen.numel(), tokens + cos.numel()
     finally:
         for h in handles:
             h.remove()
-    return {"angular": (angular / len(batches)).tolist(), "bi": (influence / len(batches)).tolist()}
+    return {"angular": (angular / positions).tolist(), "bi": (influence / tokens).tolist()}
 
 
 def calibration_batches(tokenizer, text: str, tokens: int = 128, count: int = 16, batch: int = 8) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ in `lm_eval_layers/cost/report.py`) and an optional PNG.
 
     surgery bench MODEL --plans '' --plans drop=20-27 [--plans preset=llama-pro:4] [--from scores.json]
        [--prompt-tokens 512] [--new-tokens 128] [--batch 1] [--repeats 10] [--device cpu|cuda]
-       [--dtype float32] [--threads N] [--tasks arc_easy_local --limit 100] [--checkpoints]
+       [--dtype float32] [--threads N] [--tasks arc_easy_local --limit 100] [--include-path DIR] [--checkpoints]
        --out bench.json [--plot pareto.png]
 
 Importing this module costs no torch, transformers or lm-eval."""

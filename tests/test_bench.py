@@ -1,6 +1,7 @@
 """`surgery bench`: parameter counts equal the weights file's, FLOPs equal the hand formula, the
 Pareto front, the in-memory worker model computes the plan's variant with the dropped blocks
-freed, bad input is one line and nothing written, and one real run writes bench.json."""
+freed, bad input is one line and nothing written, one real run writes bench.json, and a
+generation task from --include-path reports each plan's exact match."""
 
 from __future__ import annotations
 
@@ -169,6 +170,9 @@ BAD = [
     ("series without scores", ["--plans", "", "--drop-lowest", "2"], "--from scores.json"),
     ("existing out", ["--plans", "", "--out", "{tmp}/old.json"], "exists; choose another name or pass --force"),
     ("unknown task", ["--plans", "", "--tasks", "arc_easyy_local"], "is not known"),
+    ("include path without tasks", ["--plans", "", "--include-path", "{tmp}"], "give --tasks"),
+    ("missing include path", ["--plans", "", "--tasks", "gen_probe", "--include-path", "{tmp}/none"],
+     "task folder"),
 ]
 
 
@@ -227,3 +231,103 @@ def test_a_real_bench_run_writes_bench_json(tmp_path):
     assert rows[1]["predicted_speedup_pp"] == rows[0]["flops_pp_per_token"] / rows[1]["flops_pp_per_token"] > 1
     assert doc["settings"]["threads"] == 1 and doc["settings"]["repeats"] == 2
     assert "drop=2-3" in proc.stdout and "written" in proc.stderr
+
+
+@pytest.mark.slow  # lm-eval's task index: seconds
+def test_the_accuracy_of_a_task_is_its_first_higher_is_better_metric(local_data):
+    """nq_open_local (generation) reports `exact_match` under its own filter, not `acc` (bench
+    failed with KeyError 'acc' after timing every plan); a perplexity task is refused up front."""
+    from lm_eval_layers.cost.run import accuracy_metrics
+    from lm_eval_layers.task_suite import task_manager
+
+    manager = task_manager()
+    assert accuracy_metrics(manager, ["nq_open_local", "arc_easy_local", "lambada_openai_local"]) == {
+        "nq_open_local": ("exact_match", "exact_match,remove_whitespace"), "arc_easy_local": ("acc", "acc"),
+        "lambada_openai_local": ("acc", "acc")}  # lambada's first metric, perplexity, is lower-is-better
+    with pytest.raises(UsageError, match="wikitext_local has no higher-is-better metric"):
+        accuracy_metrics(manager, ["wikitext_local"])
+
+
+QUESTIONS = ["who wrote the declaration of independence", "what is the capital of peru", "when did the titanic sink"]
+GEN_PLAN = "drop=1-3"
+
+# A generation task shaped like nq_open_local (prompt, greedy stop strings, whitespace filter,
+# exact match) over a local JSON file, with 4 new tokens at most so the test takes seconds.
+GEN_TASK = """task: gen_probe
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: generate_until
+validation_split: validation
+doc_to_text: "Q: {{{{question}}}}?\\nA:"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+generation_kwargs:
+  until: ["\\n", ".", ","]
+  do_sample: false
+  max_gen_toks: 4
+filter_list:
+  - name: remove_whitespace
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def gen_task(folder: Path, answers: list[str]) -> Path:
+    """A folder holding the gen_probe YAML over QUESTIONS with `answers` (a folder per answer
+    set: the datasets cache keys on the data file)."""
+    folder.mkdir()
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(QUESTIONS, answers)))
+    (folder / "gen_probe.yaml").write_text(GEN_TASK.format(data=data))
+    return folder
+
+
+def generations(pretrained: Path, yamls: Path) -> list[str]:
+    """What stock `hf` generates for gen_probe's documents, after the task's filter."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(pretrained), dtype="float32", device="cpu", batch_size=3)
+    manager = TaskManager(include_path=str(yamls), include_defaults=False)  # lm-eval's own index takes seconds
+    out = lm_eval.simple_evaluate(model=lm, tasks=["gen_probe"], task_manager=manager, log_samples=True, bootstrap_iters=0)
+    return [s["filtered_resps"][0] for s in sorted(out["samples"]["gen_probe"], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.slow  # one worker process per plan
+def test_bench_reports_the_exact_match_of_a_generation_task_from_include_path(tiny_llama_dir, tmp_path):
+    """The answers are built from what stock `hf` generates on the full model (documents 0 and 1)
+    and on the checkpoint `surgery prune` writes for the plan (document 2), so bench must report
+    exact matches 2/3 and 1/3: the task's own metric for each plan, not a failure after timing."""
+    config = T.AutoConfig.from_pretrained(tiny_llama_dir)
+    config.initializer_range = 0.2  # prompt-dependent generations (see tests/test_generation.py)
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    T.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    pruned = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(folder), "--drop", GEN_PLAN.split("=")[1], "--out", str(pruned)])
+    assert result.exit_code == 0, result.output
+    probe = gen_task(tmp_path / "probe", ["?"] * 3)
+    full, dropped = generations(folder, probe), generations(pruned, probe)
+    assert all(full) and all(dropped) and all(f != d for f, d in zip(full, dropped)), (full, dropped)
+    yamls = gen_task(tmp_path / "yamls", [full[0], full[1], dropped[2]])
+
+    out = tmp_path / "bench.json"
+    result = bench(folder, "--plans", "", "--plans", GEN_PLAN, "--tasks", "gen_probe", "--include-path", yamls,
+                   "--eval-batch-size", "3", "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "2",
+                   "--threads", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["accuracy_metrics"] == {"gen_probe": "exact_match,remove_whitespace"}
+    assert doc["settings"]["include_path"] == str(yamls)
+    assert [(r["plan"], r["accuracy"]) for r in doc["plans"]] == [
+        ("full", {"gen_probe": pytest.approx(2 / 3)}), (GEN_PLAN, {"gen_probe": pytest.approx(1 / 3)})]
+    assert [r["acc"] for r in doc["plans"]] == [pytest.approx(2 / 3), pytest.approx(1 / 3)]

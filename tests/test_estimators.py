@@ -212,17 +212,25 @@ def test_ramc_coalitions_at_a_smaller_budget_are_among_those_at_a_larger():
 
 
 def test_shapiq_approximators_through_the_adapter():
-    pytest.importorskip("shapiq")
+    """Every `shapiq:NAME` the adapter maps (its constructor options included) runs on the
+    installed shapiq within budget; the regression ones land near the exact values. shapiq is in
+    the test extra, so it is imported, not skipped: a missing or incompatible shapiq fails here.
+    (ProxySPEX also needs lightgbm, which the test extra leaves out.)"""
+    import shapiq  # noqa: F401  (in the test extra: never skipped)
+
     from lm_eval_layers.importance.scoring import planned_coalitions
+    from lm_eval_layers.importance.shapiq_adapter import APPROXIMATORS
 
     game = CornerstoneGame(weights(10), [0, 1])
     truth = E.exact(CachedGame(game)).values
-    for name in ("kernelshap", "svarm"):
+    for name in [n for n, (cls, _) in APPROXIMATORS.items() if cls != "ProxySPEX"]:
         cached = CachedGame(game)
         est = estimate("shapley", cached, 120, f"shapiq:{name}", 0, 3)
-        assert est.values.shape == (10,) and cached.evaluations <= 120 and rel_err(est.values, truth) < 0.5
+        assert est.values.shape == (10,) and 0 < cached.evaluations <= 120, name
+        if name in ("kernelshap", "kaddshap", "kaddshap3", "svarm"):
+            assert rel_err(est.values, truth) < 0.5, name
         # shapiq picks coalitions without looking at values, as the distributed split needs
-        assert set(planned_coalitions(10, "shapley", 120, f"shapiq:{name}", 0, 3)) == set(cached.values)
+        assert set(planned_coalitions(10, "shapley", 120, f"shapiq:{name}", 0, 3)) == set(cached.values), name
 
 
 def test_a_missing_shapiq_is_one_line_naming_the_extra(monkeypatch):

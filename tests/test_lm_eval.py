@@ -25,10 +25,11 @@ from lm_eval_layers.plan import PlanError, PlanSpec
 LIMIT = 6
 
 
-def evaluate(model, model_args=None, tasks=("arc_easy_local",)) -> dict:
+def evaluate(model, model_args=None, tasks=("arc_easy_local",), limit: int = LIMIT,
+             manager: TaskManager | None = None) -> dict:
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=list(tasks), limit=LIMIT, batch_size=4, device="cpu",
-        task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+        model=model, model_args=model_args, tasks=list(tasks), limit=limit, batch_size=4, device="cpu",
+        task_manager=manager or TaskManager(include_path=str(TASKS)), log_samples=True,
     )
 
 
@@ -158,17 +159,31 @@ def test_stock_console_script_prints_one_error_line(broken_dir, tmp_path):
         "error: drop: block 40 is out of range for a model with 6 blocks; use 0..5 or -6..-1")
 
 
+def loglikelihoods(samples) -> dict[int, list[float]]:
+    """doc_id -> the log-likelihood of each choice, from lm-eval's samples (in memory or as
+    written by `--log_samples`: the same (ll, is_greedy) pairs, lists in JSON)."""
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
+
+
+STOCK_PLAN = {"drop": "1", "insert": "2:avg-zero"}
+STOCK_TASKS = ("arc_easy_local", "copa_local")
+
+
 @pytest.mark.slow
-def test_stock_lm_eval_console_script_runs_layered(tiny_llama_dir, local_data, tmp_path):
+def test_stock_lm_eval_console_script_applies_the_plan(tiny_llama_dir, local_data, tmp_path):
+    """The stock `lm_eval` command runs `layered` with the plan given in --model_args: each
+    document's log-likelihoods equal those of `hf` on the checkpoint `surgery expand` writes for
+    that plan (to 1e-4: another process and the shared-context path) and differ from the full
+    model's, so a plan dropped on the way through lm-eval's argument parsing fails."""
     script = Path(sys.executable).with_name("lm_eval")
     out = tmp_path / "results"
     env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(local_data)}
+    plan = ",".join(f"{k}={v}" for k, v in STOCK_PLAN.items())
     proc = subprocess.run(
         [
-            str(script), "--model", "layered",
-            "--model_args", f"pretrained={tiny_llama_dir},drop=1,insert=2:avg-zero,dtype=float32",
-            "--tasks", "arc_easy_local,copa_local", "--include_path", str(TASKS),
-            "--limit", "4", "--device", "cpu", "--output_path", str(out),
+            str(script), "--model", "layered", "--model_args", f"pretrained={tiny_llama_dir},{plan},dtype=float32",
+            "--tasks", ",".join(STOCK_TASKS), "--include_path", str(TASKS),
+            "--limit", "4", "--device", "cpu", "--output_path", str(out), "--log_samples",
         ],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -177,7 +192,28 @@ def test_stock_lm_eval_console_script_runs_layered(tiny_llama_dir, local_data, t
     (result_file,) = out.rglob("results_*.json")
     results = json.loads(result_file.read_text())
     assert results["config"]["model"] == "layered"
-    assert 0.0 <= results["results"]["arc_easy_local"]["acc,none"] <= 1.0
+
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    written = tmp_path / "variant"
+    expand = CliRunner().invoke(app, ["expand", str(tiny_llama_dir), "--drop", STOCK_PLAN["drop"],
+                                      "--insert", STOCK_PLAN["insert"], "--out", str(written)])
+    assert expand.exit_code == 0, expand.output
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)  # lm-eval's own index takes seconds
+    args = {"dtype": "float32"}
+    variant = evaluate("hf", {**args, "pretrained": str(written)}, STOCK_TASKS, limit=4, manager=manager)
+    full = evaluate("hf", {**args, "pretrained": str(tiny_llama_dir)}, STOCK_TASKS, limit=4, manager=manager)
+    for task in STOCK_TASKS:
+        (samples_file,) = out.rglob(f"samples_{task}_*.jsonl")
+        got = loglikelihoods(json.loads(line) for line in samples_file.read_text().splitlines())
+        expected, unplanned = loglikelihoods(variant["samples"][task]), loglikelihoods(full["samples"][task])
+        assert sorted(got) == sorted(expected) == list(range(4))
+        for doc in got:
+            assert got[doc] == pytest.approx(expected[doc], abs=1e-4), (task, doc)
+            assert max(abs(a - b) for a, b in zip(got[doc], unplanned[doc])) > 1e-2, (task, doc)  # the plan acts
+        assert results["results"][task]["acc,none"] == variant["results"][task]["acc,none"]
     assert results["results"]["copa_local"]["alias"] == "copa_local"
 
 

@@ -10,7 +10,8 @@ allocation on CUDA), load_peak_memory_mb (the process until then: loading, less 
 a memory-mapped file has not yet paged in),
 predicted_speedup_pp / _tg (the full model's FLOPs per token over the row's),
 measured_speedup_pp / _tg (the row's median tokens/s over the full model's), accuracy (task →
-acc, or null), acc (their mean), pareto_pp / pareto_tg (on the front of acc against measured
+its first higher-is-better metric, named in settings.accuracy_metrics: `acc`, or
+`exact_match,remove_whitespace` for nq_open_local; or null), acc (their mean), pareto_pp / pareto_tg (on the front of acc against measured
 pp / tg; null without accuracy), samples (every measurement) and layer_plan (the resolved plan).
 """
 

@@ -90,25 +90,60 @@ def _answer(conn: Any, name: str) -> Any:
     return message
 
 
-def _accuracy(settings: BenchSettings, plans: list[LayerPlan]) -> list[dict[str, float]]:
+def accuracy_metrics(manager: Any, names: list[str]) -> dict[str, tuple[str, str]]:
+    """Per leaf task (groups flattened), the metric bench reports as its accuracy and the key
+    `Evaluator` reports it under: the task's first higher-is-better metric (`acc` for the
+    multiple-choice tasks, `exact_match` for nq_open_local), keyed `metric` under lm-eval's
+    default filter and `metric,FILTER` under a task's own first filter
+    (`exact_match,remove_whitespace`). Decided before anything is timed, so a task with no such
+    metric (a perplexity) is refused up front instead of failing after every measurement."""
+    from lm_eval_layers.task_suite import load_tasks
+
+    chosen = {}
+    for name, task in load_tasks(manager, names).items():
+        better = task.higher_is_better()
+        metric = next((m for m in task.aggregation() if better.get(m)), None)
+        if metric is None:
+            raise UsageError(f"task {name} has no higher-is-better metric to report as accuracy (it reports "
+                             f"{', '.join(task.aggregation())}); bench tasks like arc_easy_local or nq_open_local")
+        filters = task.config.filter_list or [{"name": "none"}]
+        chosen[name] = (metric, metric if filters[0]["name"] == "none" else f"{metric},{filters[0]['name']}")
+    return chosen
+
+
+def _accuracy(settings: BenchSettings, plans: list[LayerPlan], manager: Any,
+              metrics: dict[str, tuple[str, str]]) -> list[dict[str, float]]:
+    """Each plan's accuracy per task: the metric `accuracy_metrics` chose (prepared requests
+    report bare metric names, lm-eval's loop filtered ones)."""
     from lm_eval_layers.evaluate import Evaluator
     from lm_eval_layers.model import LayeredLM
-    from lm_eval_layers.task_suite import task_manager
 
     lm = LayeredLM(pretrained=settings.model, dtype=settings.dtype.value, device=settings.device.value,
                    batch_size=settings.eval_batch_size)
-    evaluator = Evaluator(lm, settings.task_names, manager=task_manager(), limit=settings.limit)
-    return [{t: float(m["acc"]) for t, m in evaluator.evaluate(plan).metrics.items()} for plan in plans]
+    evaluator = Evaluator(lm, settings.task_names, manager=manager, limit=settings.limit)
+    out = []
+    for plan in plans:
+        reported = evaluator.evaluate(plan).metrics
+        row = {}
+        for task, (metric, key) in metrics.items():
+            values = reported[task]
+            if key not in values and metric not in values:
+                raise RuntimeError(f"{task} reported {sorted(values)}, not its metric {key}")
+            row[task] = float(values[key] if key in values else values[metric])
+        out.append(row)
+    return out
 
 
 def bench(settings: BenchSettings, progress: Progress = lambda what, done, total: None) -> dict[str, Any]:
     """Measure every plan of `settings` and return bench.json's document."""
     started = time.time()
     load_before = os.getloadavg()
+    manager, metrics = None, {}
     if settings.task_names:
-        from lm_eval_layers.task_suite import check_task_names, task_manager
+        from lm_eval_layers.task_suite import task_manager
 
-        check_task_names(task_manager(), settings.task_names)
+        manager = task_manager(settings.include_path)
+        metrics = accuracy_metrics(manager, settings.task_names)
     source = open_model(settings.model)
     plans = resolve(settings, source)
     folder, gguf = (str(source.path.parent), source.path.name) if isinstance(source, GGUFFile) else (str(source.folder), None)
@@ -129,7 +164,7 @@ def bench(settings: BenchSettings, progress: Progress = lambda what, done, total
     by_plan: list[dict[str, float] | None] = [None] * len(plans)
     if settings.task_names:
         progress("accuracy", 0, 1)
-        by_plan = list(_accuracy(settings, [plan for _, plan in plans]))
+        by_plan = list(_accuracy(settings, [plan for _, plan in plans], manager, metrics))
     measured = []
     for (k, kind, _), (ready, samples, peak) in zip(rows_in, results):
         label, plan = plans[k]
@@ -140,7 +175,8 @@ def bench(settings: BenchSettings, progress: Progress = lambda what, done, total
             counted.bytes, counted.shape, {key: [getattr(s, key) for s in samples] for key in SPEEDS},
             peak, ready.load_peak_memory_mb, acc))
     return {"plans": rows(measured, settings.prompt_tokens),
-            "settings": _record(settings, results[0][0].threads, load_before, started)}
+            "settings": {**_record(settings, results[0][0].threads, load_before, started),
+                         "accuracy_metrics": {task: key for task, (_, key) in metrics.items()}}}
 
 
 def _record(settings: BenchSettings, threads: int, load_before: tuple[float, float, float], started: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from lm_eval_layers.plan import PlanSpec
 from lm_eval_layers.precision import DType
 from lm_eval_layers.scores_file import Scores, load_scores, read_scores
 from lm_eval_layers.settings import MODEL_HELP, argument, option, required
-from lm_eval_layers.task_suite import limit_option, task_names, tasks_option
+from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
 
 FULL = "full"  # the label of the unchanged model
 
@@ -105,7 +105,9 @@ class BenchSettings:
     device: Device = option(Device.cpu, "--device", "where the model runs")
     dtype: DType = option(DType.float32, "--dtype", "weights and compute dtype")
     threads: int = option(0, "--threads", "torch threads (0: torch's default, one per core)")
-    tasks: str | None = tasks_option(None, "accuracy of every plan (Evaluator)")
+    tasks: str | None = tasks_option(None, "accuracy of every plan (Evaluator): each task's first higher-is-better "
+                                     "metric, e.g. acc, or exact_match for a generation task")
+    include_path: Path | None = include_path_option()
     limit: int | None = limit_option()
     eval_batch_size: int = option(32, "--eval-batch-size", "batch size of the accuracy evaluation")
     checkpoints: bool = option(False, "--checkpoints", "also time each plan written as a checkpoint "
@@ -123,6 +125,8 @@ class BenchSettings:
             raise UsageError(f"--limit {self.limit}: must be at least 1 document")
         if self.drop_lowest is not None and self.from_file is None:
             raise UsageError("--drop-lowest picks a series of a scores file; give it with --from scores.json")
+        if self.include_path is not None and not self.task_names:
+            raise UsageError("--include-path adds task YAMLs for --tasks; give --tasks to measure accuracy with them")
         if self.plot is not None and not self.task_names:
             raise UsageError("--plot draws accuracy against speed; give --tasks to measure accuracy")
         check_file(self.out, self.force)
