@@ -173,6 +173,7 @@ def run_row(name: str, row: Row, args: argparse.Namespace, examples: list, pad_i
     from rich.console import Console
 
     from lm_eval_layers.training.fine_tune import fine_tune
+    from surgery.training_bar import console_reporter
     from lm_eval_layers.training.train_settings import TrainSettings
 
     start = time.perf_counter()
@@ -185,7 +186,7 @@ def run_row(name: str, row: Row, args: argparse.Namespace, examples: list, pad_i
         folder = args.work / "trained" / name
         log = fine_tune(TrainSettings(model=str(model), data=str(SFT), out=folder, max_steps=args.steps, batch_size=args.batch_size,
                                       max_length=args.max_length, seed=args.seed, eval_fraction=0.1, force=True, **options),
-                        Console(stderr=True))
+                        console_reporter(Console(stderr=True)))
         result.update(options={k: str(v) for k, v in row.train.items()}, steps=log["steps"], trainable_parameters=log["trainable_parameters"],
                       train_seconds=log["wall_seconds"], tokens_per_second=log["tokens_per_second"],
                       seconds_per_step=log["seconds_per_step"], selection=log["selection"])

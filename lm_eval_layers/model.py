@@ -92,8 +92,7 @@ class LayeredLM(ScoringSeam):
             self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)
             self.variant: Variant | None = None
             if self.pruned_on_load:  # the dropped blocks are never loaded
-                with _write_bar() as progress, pruned_folder(pretrained, kwargs.pop("gguf_file", None), plan,
-                                                             kwargs.get("dtype"), progress) as folder:
+                with pruned_folder(pretrained, kwargs.pop("gguf_file", None), plan, kwargs.get("dtype")) as folder:
                     super().__init__(pretrained=str(folder), **kwargs)
                 self.plan = plan
                 self._use_cache_table()
@@ -161,23 +160,6 @@ class LayeredLM(ScoringSeam):
             if key is not None:  # rolling windows are cached per document by loglikelihood_rolling
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return results
-
-
-@contextlib.contextmanager
-def _write_bar() -> Iterator[Any]:
-    """lm-eval's progress style (tqdm) for writing the kept blocks."""
-    bar = tqdm(total=None, desc="Writing the blocks the plan keeps", unit="B", unit_scale=True)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()  # before lm-eval's own loading bars
-
-    try:
-        yield progress
-    finally:
-        bar.close()
 
 
 def _base_model(model: Any) -> Any:

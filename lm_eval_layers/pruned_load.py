@@ -1,7 +1,7 @@
 """Load only the blocks a plan keeps: the plugin's memory equals `hf` on the pruned folder.
 
 A plan given when the model is built that only removes whole blocks (`drop=20-27`, `keep=`, a
-search's plan file) is written with the checkpoint writer to a temporary folder (streamed, proven
+search's plan file) is written with the checkpoint writer, in a child process, to a temporary folder (streamed, proven
 on the narrow twin and checked before the first byte, exactly what `surgery prune` writes) and
 lm-eval loads that folder; the folder is deleted once the weights are in memory. The dropped
 blocks are never held, so a GPU user pays for the pruned model only. Plans that add or change
@@ -12,13 +12,17 @@ whole model and apply the plan in memory instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from lm_eval_layers.errors import LayersError, UsageError
 from lm_eval_layers.plan import LayerPlan
 
 # hf arguments under which the model loaded is not the checkpoint's blocks as stored
@@ -39,19 +43,51 @@ def loads_pruned(pretrained: Any, plan: LayerPlan, kwargs: dict[str, Any], keep_
 
 
 @contextlib.contextmanager
-def pruned_folder(pretrained: str, gguf_file: str | None, plan: LayerPlan, dtype: Any,
-                  progress: Any = lambda done, total: None) -> Iterator[Path]:
+def pruned_folder(pretrained: str, gguf_file: str | None, plan: LayerPlan, dtype: Any) -> Iterator[Path]:
     """The plan's variant of `pretrained` written to a temporary folder, removed on exit.
-    `dtype`: the hf `dtype` argument (the weights are written in it, so loading converts nothing)."""
+    `dtype`: the hf `dtype` argument (the weights are written in it, so loading converts nothing).
+
+    The writer runs in a child process: reading a checkpoint's metadata (a GGUF's tokenizer and
+    config through transformers) and streaming it costs hundreds of MB that a process keeps after
+    freeing them, and this process is about to hold the model. Its progress goes to stderr; a
+    user's mistake comes back as the same `LayersError` line."""
+    source = str(Path(pretrained) / gguf_file) if gguf_file else pretrained
+    dtype_name = str(dtype).removeprefix("torch.") if dtype not in (None, "auto") else ""
+    work = Path(tempfile.mkdtemp(prefix="lm-eval-layers-"))
+    try:
+        out = work / "variant"
+        child = subprocess.run([sys.executable, "-m", __name__, source, json.dumps(plan.to_dict()), dtype_name, str(out)],
+                               stdout=subprocess.PIPE, text=True)
+        answer = json.loads(child.stdout.strip().splitlines()[-1]) if child.stdout.strip() else {}
+        if child.returncode != 0 or "error" in answer:
+            raise UsageError(answer.get("error") or f"writing the kept blocks failed (exit code {child.returncode})")
+        yield out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(source: str, plan_json: str, dtype_name: str, out: str) -> None:
+    from tqdm import tqdm
+
     from lm_eval_layers.checkpoint.sources import open_model
     from lm_eval_layers.checkpoint.writer import write_variant
 
-    source = open_model(str(Path(pretrained) / gguf_file) if gguf_file else pretrained)
-    out_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    work = Path(tempfile.mkdtemp(prefix="lm-eval-layers-"))
+    bar = tqdm(total=None, desc="Writing the blocks the plan keeps", unit="B", unit_scale=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     try:
-        written = write_variant(source, plan, work / "variant", command="layered", metadata=False,
-                                dtype=out_dtype if isinstance(out_dtype, torch.dtype) else None, progress=progress)
-        yield written.out
+        write_variant(open_model(source), LayerPlan.from_dict(json.loads(plan_json)), Path(out), command="layered",
+                      metadata=False, dtype=getattr(torch, dtype_name) if dtype_name else None, progress=progress)
+    except LayersError as e:
+        print(json.dumps({"error": str(e).splitlines()[0]}))
+        return
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        bar.close()
+    print(json.dumps({"out": out}))
+
+
+if __name__ == "__main__":
+    _write(*sys.argv[1:5])

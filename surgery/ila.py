@@ -41,7 +41,9 @@ def rank_units(settings: ILASettings) -> None:
         from lm_eval_layers.training import ila_report
         from lm_eval_layers.training.ila_command import write_ila_json
 
-        document = write_ila_json(settings, console)
+        from surgery.training_bar import console_reporter
+
+        document = write_ila_json(settings, console_reporter(console))
     Console().print(ila_report.table(document))
     console.print(f"wrote {settings.out}" + (f" and {settings.plot}" if settings.plot else ""))
 

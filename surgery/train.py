@@ -16,6 +16,8 @@ def train(settings: TrainSettings) -> None:
     with user_errors():
         from lm_eval_layers.training.fine_tune import fine_tune
 
-        log = fine_tune(settings, console)
+        from surgery.training_bar import console_reporter
+
+        log = fine_tune(settings, console_reporter(console))
     if log is not None:  # None: another process of a distributed run (the main one writes)
         console.print(f"wrote {log['out']}")

@@ -195,14 +195,12 @@ def planted_teacher(seed: int, sharpen: float = 20.0, scale: float = 2.0, sample
 def test_planted_units_are_found_where_the_lora_update_norm_fails(capsys):
     from math import comb
 
-    from rich.console import Console
-
     settings = dict(rank=4, lr=1e-2, epsilon=0.005, window=10, max_steps=400, batch_size=16, max_length=64)
     lines, hits = [], []
     for seed in range(3):
         base, planted, examples, names = planted_teacher(seed)
         where = dict(model=f"planted seed {seed}", data="teacher samples", out=Path("unused.json"))  # not read here
-        result = learn_gates(base, examples, 0, ILASettings(**where, seed=seed, **settings), Console(quiet=True))
+        result = learn_gates(base, examples, 0, ILASettings(**where, seed=seed, **settings))
         assert [u.name for u in result.units] == names
         n = len(names)
         top = {names[i] for i in sorted(range(n), key=lambda i: -result.logits[i])[:3]}
@@ -233,10 +231,7 @@ SHORT = dict(max_steps=6, gate_steps=4, batch_size=4, max_length=64, window=2)
 
 
 def ranked(model: Path, data: Path, out: Path, plot: Path | None = None, **settings) -> dict:
-    from rich.console import Console
-
-    return write_ila_json(ILASettings(model=str(model), data=str(data), out=out, plot=plot, **{**SHORT, **settings}),
-                          Console(quiet=True))
+    return write_ila_json(ILASettings(model=str(model), data=str(data), out=out, plot=plot, **{**SHORT, **settings}))
 
 
 @pytest.mark.slow

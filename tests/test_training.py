@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from rich.console import Console
 from safetensors import safe_open
 from transformers import TrainerCallback
 from typer.testing import CliRunner
@@ -27,7 +26,6 @@ from lm_eval_layers.training.train_settings import TrainSettings
 from surgery.cli import app
 
 SFT = DATA / "sft"
-QUIET = Console(stderr=True, quiet=True)
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
@@ -65,7 +63,7 @@ def expanded(tiny_llama_dir, tmp_path_factory) -> Path:
 def train(model, data, out, **options) -> dict:
     """`fine_tune` with short defaults (4 steps of 4 examples of at most 64 tokens)."""
     defaults = dict(max_steps=4, batch_size=4, max_length=64, save_steps=100)
-    return fine_tune(TrainSettings(model=str(model), data=str(data), out=Path(out), **{**defaults, **options}), QUIET)
+    return fine_tune(TrainSettings(model=str(model), data=str(data), out=Path(out), **{**defaults, **options}))
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

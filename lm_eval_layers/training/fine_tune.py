@@ -3,7 +3,7 @@ transformers' Trainer (and PEFT for LoRA), write the output folder atomically (`
 
     from lm_eval_layers.training.fine_tune import fine_tune
     from lm_eval_layers.training.train_settings import TrainSettings
-    log = fine_tune(TrainSettings(model="pruned", data="sft.jsonl", out=Path("healed"), heal=True), console)
+    log = fine_tune(TrainSettings(model="pruned", data="sft.jsonl", out=Path("healed"), heal=True), Reporter(print))
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 import transformers
-from rich.console import Console
 from transformers.trainer_callback import PrinterCallback
 
 from lm_eval_layers.arch import layout_for, num_layers
@@ -32,15 +31,17 @@ from lm_eval_layers.training import report
 from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable, with_head
 from lm_eval_layers.training.train_settings import TrainSettings
 from lm_eval_layers.training.trainer import (
-    OptimizerHoldsSelection, ProgressBar, float32_masters, loss_curve, plain_folder, training_arguments,
+    OptimizerHoldsSelection, float32_masters, loss_curve, plain_folder, training_arguments,
 )
+from lm_eval_layers.training.reporter import Reporter
 from lm_eval_layers.training.work import Work
 
 
 @torch.enable_grad()  # also when called from an inference (no-grad) context
-def fine_tune(settings: TrainSettings, console: Console) -> dict[str, Any] | None:
+def fine_tune(settings: TrainSettings, reporter: Reporter = Reporter()) -> dict[str, Any] | None:
     """Train what `settings` selects and write the output folder; returns the training log
-    (None on processes other than the main one, which alone writes)."""
+    (None on processes other than the main one, which alone writes). `reporter` hears what
+    happens (the main process only)."""
     settings = settings.resolved()
     work = Work.check(settings)
     source = open_model(settings.model)
@@ -63,7 +64,8 @@ def fine_tune(settings: TrainSettings, console: Console) -> dict[str, Any] | Non
                               dtype=settings.dtype, max_steps=settings.max_steps, epochs=settings.epochs,
                               grad_accum=settings.grad_accum, save_steps=settings.save_steps)
     main = args.process_index == 0
-    say = console.print if main else (lambda *a, **k: None)
+    reporter = reporter if main else Reporter()
+    say = reporter.say
     say(f"data: {prepared.describe()}; {len(train_set):,} for training, {len(eval_set):,} held out")
     say(f"training {selection.description} of {depth} ({'LoRA r=' + str(settings.lora) if settings.lora else 'full weights'})"
         + (f", distilling from {settings.distill_from}" if settings.distill_from else ""))
@@ -76,10 +78,10 @@ def fine_tune(settings: TrainSettings, console: Console) -> dict[str, Any] | Non
             base = plain_folder(source, work.root / "base")
             teacher_dir = plain_folder(teacher_source, work.root / "teacher") if teacher_source else None
         log = _train_and_write(settings, args, work, source, base, teacher_dir, tokenizer, selection, prepared.format,
-                               train_set, eval_set, console)
+                               train_set, eval_set, reporter)
     except BaseException:
         if main:
-            work.abandon(settings.resume, console)
+            work.abandon(settings.resume, say)
         raise
     return log
 
@@ -102,7 +104,7 @@ def _hint_s_strategy(source: Source, settings: TrainSettings, say: Callable[...,
 
 def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Source, base: Path, teacher_dir: Path | None,
                      tokenizer: Any, selection: Selection, fmt: D.RecordFormat, train_set: list, eval_set: list,
-                     console: Console) -> dict[str, Any] | None:
+                     reporter: Reporter) -> dict[str, Any] | None:
     """Load, train, and (main process) write the output; returns the log."""
     dtype = settings.dtype.torch
     transformers.set_seed(settings.seed)  # LoRA's initialisation draws from it
@@ -135,11 +137,12 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
     trainer.remove_callback(PrinterCallback)
     main = trainer.is_world_process_zero()
     if main:
-        trainer.add_callback(ProgressBar(console))
+        for callback in reporter.callbacks():
+            trainer.add_callback(callback)
 
     resume_from = work.last_checkpoint() if settings.resume else None
     if settings.resume and resume_from is None and main:
-        console.print(f"no checkpoint in {work.checkpoints} yet: starting from step 0")
+        reporter.say(f"no checkpoint in {work.checkpoints} yet: starting from step 0")
     before = trainer.evaluate()["eval_loss"] if eval_set else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -169,7 +172,7 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
         "loss_curve": loss_curve(state.log_history), "options": settings.recorded(),
     }
     write_output(settings, work, trainer.model, base, tokenizer, source, log)
-    console.print(report.summary(log, settings.out))
+    reporter.say(report.summary(log, settings.out))
     return log
 
 

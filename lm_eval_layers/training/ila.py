@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import torch
 import transformers
-from rich.console import Console
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -39,9 +38,10 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.training import data as D
 from lm_eval_layers.training.gates import Gates, delta_norms
 from lm_eval_layers.training.ila_settings import ILASettings
+from lm_eval_layers.training.reporter import Reporter
 from lm_eval_layers.training.selection import Selection, lora_config
 from lm_eval_layers.training.trainer import (
-    OptimizerHoldsSelection, ProgressBar, float32_masters, loss_curve, training_arguments,
+    OptimizerHoldsSelection, float32_masters, loss_curve, training_arguments,
 )
 from lm_eval_layers.training.units import Unit
 
@@ -130,7 +130,7 @@ class ILAResult:
 
 @torch.enable_grad()  # also when called from an inference (no-grad) context
 def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settings: ILASettings,
-                console: Console, callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
+                reporter: Reporter = Reporter(), callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
     """Both stages on a loaded model (LoRA is added to it in place): the units' gate logits.
     Only the method's fields of `settings` are read (not its paths)."""
     from peft import get_peft_model
@@ -155,12 +155,13 @@ def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, se
             t = cls(model=peft, args=run_args, train_dataset=list(examples), data_collator=collator,
                     callbacks=[OptimizerHoldsSelection(), *callbacks], **extra)
             t.remove_callback(PrinterCallback)
-            t.add_callback(ProgressBar(console))
+            for callback in reporter.callbacks():
+                t.add_callback(callback)
             return t
 
-        console.print(f"stage 1: LoRA r={settings.rank} on {len(config.target_modules)} modules × {depth} blocks, "
-                      f"until the loss is ε-stable (ε={settings.epsilon}, {settings.patience} windows of "
-                      f"{settings.window} steps) or {settings.max_steps} steps")
+        reporter.say(f"stage 1: LoRA r={settings.rank} on {len(config.target_modules)} modules × {depth} blocks, "
+                     f"until the loss is ε-stable (ε={settings.epsilon}, {settings.patience} windows of "
+                     f"{settings.window} steps) or {settings.max_steps} steps")
         stop = EpsilonStopCallback(EpsilonStop(settings.epsilon, settings.patience, settings.window))
         first = trainer(Trainer, args)
         first.add_callback(stop)
@@ -172,8 +173,8 @@ def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, se
             p.requires_grad_(False)
         gates = Gates.attach(peft, layout, settings.unit, settings.gate_init)
         norms = delta_norms(peft, layout, gates.units)
-        console.print(f"stage 2: {len(gates.units)} gates, {settings.gate_steps} steps, budget {settings.budget:.0%} "
-                      f"(penalty λ={settings.penalty})")
+        reporter.say(f"stage 2: {len(gates.units)} gates, {settings.gate_steps} steps, budget {settings.budget:.0%} "
+                     f"(penalty λ={settings.penalty})")
         second = trainer(GateTrainer, dataclasses.replace(args, max_steps=settings.gate_steps, learning_rate=settings.gate_lr),
                          gates=gates, budget=settings.budget, weight=settings.penalty)
         start = time.perf_counter()

@@ -4,7 +4,8 @@ write ila.json (and the heat map) atomically.
 
     from lm_eval_layers.training.ila_command import write_ila_json
     from lm_eval_layers.training.ila_settings import ILASettings
-    document = write_ila_json(ILASettings(model="smollm2", data="sft.jsonl", out=Path("ila.json")), console)
+from lm_eval_layers.training.reporter import Reporter
+    document = write_ila_json(ILASettings(model="smollm2", data="sft.jsonl", out=Path("ila.json")), Reporter(print))
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import shutil
 from typing import Any
 
 import transformers
-from rich.console import Console
 
 from lm_eval_layers.arch import num_layers
 from lm_eval_layers.checkpoint.sources import open_model
@@ -24,6 +24,7 @@ from lm_eval_layers.training import ila_report
 from lm_eval_layers.training.ila import learn_gates
 from lm_eval_layers.training.ila_file import records_digest
 from lm_eval_layers.training.ila_settings import ILASettings
+from lm_eval_layers.training.reporter import Reporter
 from lm_eval_layers.checkpoint.sources import load_tokenizer
 from lm_eval_layers.training.trainer import plain_folder
 
@@ -38,7 +39,7 @@ def check_outputs(settings: ILASettings) -> None:
             raise UsageError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
 
 
-def write_ila_json(settings: ILASettings, console: Console) -> dict[str, Any]:
+def write_ila_json(settings: ILASettings, reporter: Reporter = Reporter()) -> dict[str, Any]:
     """Rank MODEL's units for a fine-tune on DATA and write ila.json (and --plot's heat map);
     returns the ila.json document."""
     settings = settings.resolved()
@@ -50,14 +51,14 @@ def write_ila_json(settings: ILASettings, console: Console) -> dict[str, Any]:
     examples = prepared.examples
     if len(examples) < settings.batch_size:
         raise UsageError(f"{len(examples)} examples are fewer than --batch-size {settings.batch_size}; lower it")
-    console.print(f"data: {prepared.describe()}; model: {source.name}, {depth} blocks")
+    reporter.say(f"data: {prepared.describe()}; model: {source.name}, {depth} blocks")
 
     out = settings.out
     scratch = out.with_name(f".{out.name}.base")  # a GGUF input dequantised to a plain folder, removed at the end
     try:
         folder = plain_folder(source, scratch)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=settings.dtype.torch)
-        result = learn_gates(loaded, examples, D.pad_id(tokenizer), settings, console)
+        result = learn_gates(loaded, examples, D.pad_id(tokenizer), settings, reporter)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     document = ila_report.build(

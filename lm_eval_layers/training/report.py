@@ -1,5 +1,5 @@
 """What a `surgery train` run leaves behind: a summary table, `train_log.json`, `loss.png` and
-the model card (its progress bar is `trainer.ProgressBar`, shared with ILA)."""
+the model card (its progress bar is `surgery/training_bar.py`, shared with ILA)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What `surgery train` and both ILA stages share on transformers' Trainer: its arguments, the
 precision policy (mixed precision with float32 trained tensors), the optimizer check, the
-progress bar and loss curve, and the inputs (tokenizer, a folder transformers can load).
+loss curve, and the inputs (tokenizer, a folder transformers can load).
 
 Why the plain `Trainer` and not trl's `SFTTrainer`: response-only loss is a labelling question,
 answered once in `data.py` for all four record formats (conversations rendered to
@@ -13,14 +13,11 @@ parallelism under `torchrun` / `accelerate launch`.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 from lm_eval_layers.arch import num_layers
@@ -87,39 +84,6 @@ class OptimizerHoldsSelection(TrainerCallback):
         wanted = {id(p) for p in model.parameters() if p.requires_grad}
         if held != wanted:
             raise RuntimeError(f"the optimizer holds {len(held)} tensors but {len(wanted)} are trainable")
-
-
-class ProgressBar(TrainerCallback):
-    """A rich progress bar over optimizer steps with the latest loss and tokens per second."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-        self.task: Any = None
-        self.start = 0.0
-        self.start_tokens = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.progress = Progress(
-            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
-        self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is None:
-            return
-        losses = [e["loss"] for e in state.log_history if "loss" in e]
-        speed = (state.num_input_tokens_seen - self.start_tokens) / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, completed=state.global_step, loss=f"{losses[-1]:.4f}" if losses else "-",
-                             speed=f"{speed:,.0f}")
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from rich.console import Console
 
 from lm_eval_layers.checkpoint import sources
 from lm_eval_layers.errors import UsageError
@@ -99,12 +99,12 @@ class Work:
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.root / RUN_FILE, settings.recorded())
 
-    def abandon(self, resume: bool, console: Console) -> None:
+    def abandon(self, resume: bool, say: Callable[[str], None]) -> None:
         """After a failure or Ctrl-C: keep a run that has a checkpoint to resume from, remove the rest."""
         if not resume and self.last_checkpoint() is None:
             shutil.rmtree(self.root, ignore_errors=True)
         elif self.root.exists():
-            console.print(f"kept {self.root}: continue this run with --resume")
+            say(f"kept {self.root}: continue this run with --resume")
 
     def finish(self) -> None:
         """Put `final/` in place as the output and remove the work folder."""
