@@ -81,7 +81,7 @@ def main() -> None:
     from lm_eval_layers.search.driver import find_plan, load_model, load_tokenizer
     from lm_eval_layers.search.engine import CalibrationEngine
     from lm_eval_layers.search.settings import SearchSettings
-    from lm_eval_layers.search.units import unit_parameters
+    from lm_eval_layers.search.removable import unit_parameters
     from lm_eval_layers.arch import layout_for
     from lm_eval_layers.calibration import calibration_windows, parse_shape
 

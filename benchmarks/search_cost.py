@@ -53,7 +53,7 @@ def main() -> None:
     from lm_eval_layers.search.driver import find_plan, load_model, load_tokenizer
     from lm_eval_layers.search.engine import CalibrationEngine
     from lm_eval_layers.search.settings import SearchSettings
-    from lm_eval_layers.search.units import plan_without
+    from lm_eval_layers.search.removable import plan_without
 
     folder = fp32_folder(args.work)
     calibration, _ = split_text(args.work)

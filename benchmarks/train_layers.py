@@ -131,7 +131,7 @@ def heldout(args: argparse.Namespace) -> list:
     """The same 10% of nq_open every row is scored on (the split `surgery train --eval-fraction 0.1` makes)."""
     import transformers
 
-    from lm_eval_layers.training import data as D
+    from lm_eval_layers.training import examples as D
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base(args.work)))
     return D.split(D.prepare(str(SFT), tokenizer, args.max_length).examples, 0.1, args.seed)[1]
@@ -142,7 +142,7 @@ def heldout_loss(folder: Path, examples: list, pad_id: int) -> float:
     import torch
     import transformers
 
-    from lm_eval_layers.training import data as D
+    from lm_eval_layers.training import examples as D
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     collate = D.Collator(pad_id)
@@ -204,7 +204,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from lm_eval_layers.training import data as D
+    from lm_eval_layers.training import examples as D
 
     folder = base(args.work)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -259,7 +259,7 @@ def main() -> None:
             if examples is None:
                 import transformers
 
-                from lm_eval_layers.training import data as D
+                from lm_eval_layers.training import examples as D
 
                 examples = heldout(args)
                 pad_id = D.pad_id(transformers.AutoTokenizer.from_pretrained(str(base(args.work))))

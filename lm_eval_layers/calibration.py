@@ -59,7 +59,7 @@ class CalibrationText:
 def calibration_file(path: Path | None) -> Path:
     """The file to read: `path`, or the local WikiText under the data folder (checked before
     any model loads)."""
-    from lm_eval_layers.data import ENV
+    from lm_eval_layers.task_data import ENV
 
     if path is not None:
         if not path.is_file():

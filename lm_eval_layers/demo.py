@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lm_eval_layers.data import ENV
+from lm_eval_layers.task_data import ENV
 from lm_eval_layers.evaluate import Evaluator
 from lm_eval_layers.model import LayeredLM
 from lm_eval_layers.plan import PlanSpec

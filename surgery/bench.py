@@ -1,7 +1,7 @@
 """`surgery bench`: what each variant costs beside its accuracy. Parses the options
 (`lm_eval_layers.cost.settings`), runs the library (`lm_eval_layers.cost.run`: one process per
 plan, repeats interleaved) and reports: a table with the Pareto front marked, bench.json (keys
-in `lm_eval_layers/cost/report.py`) and an optional PNG.
+in `lm_eval_layers/cost/bench_rows.py`) and an optional PNG.
 
     surgery bench MODEL --plans '' --plans drop=20-27 [--plans preset=llama-pro:4] [--from scores.json]
        [--prompt-tokens 512] [--new-tokens 128] [--batch 1] [--repeats 10] [--device cpu|cuda]

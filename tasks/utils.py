@@ -20,4 +20,4 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
     doc_to_text as winogrande_doc_to_text,
 )
 
-from lm_eval_layers.data import load  # noqa: F401
+from lm_eval_layers.task_data import load  # noqa: F401

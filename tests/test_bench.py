@@ -27,7 +27,7 @@ from lm_eval_layers.checkpoint.sources import open_model
 from lm_eval_layers.cost.count import size
 from lm_eval_layers.cost.flops import generation_flops, prompt_flops
 from lm_eval_layers.cost.pareto import front
-from lm_eval_layers.cost.report import median_iqr
+from lm_eval_layers.cost.bench_rows import median_iqr
 from lm_eval_layers.cost.settings import BenchSettings, plan_from_text
 from lm_eval_layers.cost.worker import Job, load
 from lm_eval_layers.plan import PlanSpec
@@ -124,7 +124,7 @@ def test_plans_in_the_plugin_syntax_and_a_scores_series(tmp_path):
 
 
 def test_a_search_file_gives_the_plan_after_each_step(tmp_path):
-    from lm_eval_layers.search.units import plan_without
+    from lm_eval_layers.search.removable import plan_without
 
     steps = [{"removed": [4], "plan": plan_without(6, [4]).to_dict()},
              {"removed": [4, "attn.2"], "plan": plan_without(6, [4, "attn.2"]).to_dict()}]

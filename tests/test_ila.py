@@ -23,7 +23,7 @@ from lm_eval_layers.training.ila_compare import compare_runs, compare_scores, ex
 from lm_eval_layers.training.ila_file import SCHEMA, TIMING_FIELDS
 from lm_eval_layers.training.ila_settings import ILASettings
 from lm_eval_layers.training.selection import Selection, lora_config
-from lm_eval_layers.training.units import UnitKind
+from lm_eval_layers.training.gate_units import UnitKind
 from surgery.cli import app
 
 
@@ -168,7 +168,7 @@ def planted_teacher(seed: int, sharpen: float = 20.0, scale: float = 2.0, sample
     import copy
     import random
 
-    from lm_eval_layers.training.data import Example
+    from lm_eval_layers.training.examples import Example
 
     base = make_model("llama", seed=seed)
     with torch.no_grad():

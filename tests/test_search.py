@@ -19,7 +19,7 @@ from conftest import DEPTH, make_model
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.search.engine import CalibrationEngine
 from lm_eval_layers.search.methods import Budget, Problem, greedy, last
-from lm_eval_layers.search.units import all_units, plan_without, unit_parameters
+from lm_eval_layers.search.removable import all_units, plan_without, unit_parameters
 from lm_eval_layers.variant import apply_plan
 from surgery.cli import app
 

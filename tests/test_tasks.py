@@ -14,7 +14,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from conftest import TASKS
-from lm_eval_layers.data import wikitext_pages
+from lm_eval_layers.task_data import wikitext_pages
 
 # (ours, built-in, split both evaluate). sciq: the built-in scores test, which is not local.
 PAIRS = [
@@ -155,7 +155,7 @@ def test_task_names_do_not_collide_with_builtins():
 
 
 def test_boolq_local_rows_take_the_super_glue_schema(local_data):
-    from lm_eval_layers.data import load
+    from lm_eval_layers.task_data import load
 
     ds = load("boolq", "aps/super_glue", "boolq")
     row = ds["validation"][0]
@@ -176,7 +176,7 @@ def test_local_wikitext_has_the_62_test_articles(local_data):
 
 
 def test_missing_local_folder_is_a_clear_error(monkeypatch, tmp_path):
-    from lm_eval_layers.data import load
+    from lm_eval_layers.task_data import load
     from lm_eval_layers.errors import DataError
 
     monkeypatch.setenv("LM_EVAL_LAYERS_DATA", str(tmp_path))
@@ -186,7 +186,7 @@ def test_missing_local_folder_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_unreachable_hub_is_a_clear_error(monkeypatch):
     """No local data and no network (the tests run with the hub offline): one line naming the fix."""
-    from lm_eval_layers.data import ENV, load
+    from lm_eval_layers.task_data import ENV, load
     from lm_eval_layers.errors import DataError
 
     monkeypatch.delenv(ENV, raising=False)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import DATA, TASKS
 from lm_eval_layers.errors import DataError, SelectionError, UsageError
-from lm_eval_layers.training import data as D
+from lm_eval_layers.training import examples as D
 from lm_eval_layers.training.distill import distill_loss_sum
 from lm_eval_layers.training.fine_tune import fine_tune
 from lm_eval_layers.training.selection import select_blocks

@@ -41,7 +41,7 @@ def test_every_option_reads_the_same_text_as_the_same_share():
 def test_scores_and_search_name_units_alike():
     """scores.json (importance) and search.json (search) write a unit the same way: `3`, `attn.3`."""
     from lm_eval_layers.importance.settings import Unit
-    from lm_eval_layers.search.units import all_units
+    from lm_eval_layers.search.removable import all_units
 
     assert Unit.halves.names(4) == [str(u) for u in all_units(4, halves=True)] == [
         "attn.0", "mlp.0", "attn.1", "mlp.1", "attn.2", "mlp.2", "attn.3", "mlp.3"]

@@ -1,7 +1,7 @@
 """`surgery bench` as a library call: resolve the plans against the model, count each, start
 one worker process per row (`worker.py`), measure the rows interleaved — repeat r runs every row
 once, starting one row further along, so load drift hits all rows alike and no row always runs
-first — then accuracy through the `Evaluator`, and return bench.json's document (`report.py`).
+first — then accuracy through the `Evaluator`, and return bench.json's document (`bench_rows.py`).
 
 Workers load one after another (no two loads compete) and each waits idle while another row is
 measured, so a measurement never shares the CPU with another row.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 from lm_eval_layers.arch import check_plan, num_layers
 from lm_eval_layers.checkpoint.sources import GGUFFile, Source, open_model
 from lm_eval_layers.cost.count import size
-from lm_eval_layers.cost.report import SPEEDS, Measured, rows
+from lm_eval_layers.cost.bench_rows import SPEEDS, Measured, rows
 from lm_eval_layers.cost.settings import FULL, BenchSettings
 from lm_eval_layers.cost.worker import Job, Ready, serve
 from lm_eval_layers.errors import UsageError

@@ -18,7 +18,7 @@ from lm_eval_layers.search.methods import (
     Budget, Problem, Progress, angular, block_influence_order, greedy, last, ranked, scores_order,
 )
 from lm_eval_layers.search.settings import SearchSettings, SearchUnit
-from lm_eval_layers.search.units import all_units, protected_units, unit_parameters
+from lm_eval_layers.search.removable import all_units, protected_units, unit_parameters
 from lm_eval_layers.calibration import calibration_windows, parse_shape
 
 SCHEMA = 1

@@ -27,7 +27,7 @@ from lm_eval_layers import distributed
 from lm_eval_layers.importance.store import Store
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.search.engine import CalibrationEngine
-from lm_eval_layers.search.units import Unit, block_of
+from lm_eval_layers.search.removable import Unit, block_of
 
 
 def set_key(removed: Iterable[Unit]) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 
 from lm_eval_layers.search.evaluations import set_key
 from lm_eval_layers.search.methods import Problem, Progress, Step, _done, margin_interval
-from lm_eval_layers.search.units import Unit, block_of
+from lm_eval_layers.search.removable import Unit, block_of
 
 
 def stack_order(units: list[Unit]) -> list[Unit]:

@@ -27,7 +27,7 @@ from lm_eval_layers.importance.store import Store
 from lm_eval_layers.plan import LayerPlan
 from lm_eval_layers.search.engine import CalibrationEngine
 from lm_eval_layers.search.evaluations import Evaluations
-from lm_eval_layers.search.units import Unit, plan_without
+from lm_eval_layers.search.removable import Unit, plan_without
 
 BOOTSTRAP = 1000  # resamples of the windows for a step's margin interval
 
@@ -155,7 +155,7 @@ def block_influence_order(problem: Problem) -> list[Unit]:
 
 def scores_order(problem: Problem, values: tuple[float, ...]) -> list[Unit]:
     """Removable units by a scores file's values (in the units' stack order), lowest first."""
-    from lm_eval_layers.search.units import all_units
+    from lm_eval_layers.search.removable import all_units
 
     index = {u: i for i, u in enumerate(all_units(problem.engine.num_layers, isinstance(problem.candidates[0], str)))}
     return sorted(problem.candidates, key=lambda u: (values[index[u]], index[u]))

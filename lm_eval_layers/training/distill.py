@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from lm_eval_layers.training.data import IGNORE
+from lm_eval_layers.training.examples import IGNORE
 
 
 def distill_loss_sum(

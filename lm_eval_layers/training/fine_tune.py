@@ -26,8 +26,8 @@ from lm_eval_layers.checkpoint.writer import base_model
 from lm_eval_layers.compat.trainer_state import session_tokens
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.plan import LayerPlan
-from lm_eval_layers.training import data as D
-from lm_eval_layers.training import report
+from lm_eval_layers.training import examples as D
+from lm_eval_layers.training import run_report
 from lm_eval_layers.training.selection import Selection, freeze_all_but, lora_config, select_blocks, trainable, with_head
 from lm_eval_layers.training.train_settings import TrainSettings
 from lm_eval_layers.training.trainer import (
@@ -172,7 +172,7 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
         "loss_curve": loss_curve(state.log_history), "options": settings.recorded(),
     }
     write_output(settings, work, trainer.model, base, tokenizer, source, log)
-    reporter.say(report.summary(log, settings.out))
+    reporter.say(run_report.summary(log, settings.out))
     return log
 
 
@@ -219,8 +219,8 @@ def write_output(settings: TrainSettings, work: Work, model: Any, base: Path, to
     else:
         output_model(model, base, source_dtype(source), bool(log["lora"])).save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
-    report.write_log(final, log)
-    report.plot(final, log)
+    run_report.write_log(final, log)
+    run_report.plot(final, log)
     report.model_card(final, log, base_model(source))
     _usual_modes(final, report.LOG_FILE)
     work.finish()

@@ -18,7 +18,7 @@ from torch import nn
 
 from lm_eval_layers.arch import Layout
 from lm_eval_layers.errors import SelectionError
-from lm_eval_layers.training.units import WHOLE_BLOCK, Unit, UnitKind
+from lm_eval_layers.training.gate_units import WHOLE_BLOCK, Unit, UnitKind
 
 GATES_ATTRIBUTE = "ila_gates"  # where the gates live on the model (so its parameters() include them)
 

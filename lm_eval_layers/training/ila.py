@@ -35,7 +35,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from lm_eval_layers.arch import layout_for
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.training import data as D
+from lm_eval_layers.training import examples as D
 from lm_eval_layers.training.gates import Gates, delta_norms
 from lm_eval_layers.training.ila_settings import ILASettings
 from lm_eval_layers.training.reporter import Reporter
@@ -43,7 +43,7 @@ from lm_eval_layers.training.selection import Selection, lora_config
 from lm_eval_layers.training.trainer import (
     OptimizerHoldsSelection, float32_masters, loss_curve, training_arguments,
 )
-from lm_eval_layers.training.units import Unit
+from lm_eval_layers.training.gate_units import Unit
 
 
 class EpsilonStop:

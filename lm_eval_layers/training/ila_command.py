@@ -19,7 +19,7 @@ from lm_eval_layers.arch import num_layers
 from lm_eval_layers.checkpoint.sources import open_model
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.outputs import check_file, write_json
-from lm_eval_layers.training import data as D
+from lm_eval_layers.training import examples as D
 from lm_eval_layers.training import ila_report
 from lm_eval_layers.training.ila import learn_gates
 from lm_eval_layers.training.ila_file import records_digest

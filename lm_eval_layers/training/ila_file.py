@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.training.units import UnitKind
+from lm_eval_layers.training.gate_units import UnitKind
 
 SCHEMA = "lm-eval-layers/ila/v1"
 TOP_SHARES = (0.10, 0.25, 0.50)

@@ -14,7 +14,7 @@ from rich.table import Table
 from lm_eval_layers.training.ila import ILAResult
 from lm_eval_layers.training.ila_file import SCHEMA, TOP_SHARES, order_by_score, share_label, top_k
 from lm_eval_layers.training.ila_settings import ILASettings
-from lm_eval_layers.training.units import WHOLE_BLOCK
+from lm_eval_layers.training.gate_units import WHOLE_BLOCK
 
 
 def build(result: ILAResult, settings: ILASettings, *, model: str, model_type: str | None, num_layers: int,

@@ -14,7 +14,7 @@ from lm_eval_layers.checkpoint.settings import MODEL_HELP
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.precision import DType, training_dtype
 from lm_eval_layers.settings import argument, option, required
-from lm_eval_layers.training.units import UnitKind
+from lm_eval_layers.training.gate_units import UnitKind
 
 COMMAND_FIELDS = ("model", "data", "out", "plot", "force")  # where a run reads and writes, not how it ranks
 

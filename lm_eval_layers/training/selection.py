@@ -36,7 +36,7 @@ from lm_eval_layers.errors import PlanError, SelectionError
 from lm_eval_layers.plan import format_indices, parse_indices
 from lm_eval_layers.shares import parse_share
 from lm_eval_layers.training import ila_file
-from lm_eval_layers.training.units import WHOLE_BLOCK, UnitKind
+from lm_eval_layers.training.gate_units import WHOLE_BLOCK, UnitKind
 
 
 @dataclass(frozen=True)

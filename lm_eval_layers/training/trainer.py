@@ -3,7 +3,7 @@ precision policy (mixed precision with float32 trained tensors), the optimizer c
 loss curve, and the inputs (tokenizer, a folder transformers can load).
 
 Why the plain `Trainer` and not trl's `SFTTrainer`: response-only loss is a labelling question,
-answered once in `data.py` for all four record formats (conversations rendered to
+answered once in `examples.py` for all four record formats (conversations rendered to
 prompt/response spans by the model's own chat template). trl's `assistant_only_loss` needs
 `{% generation %}` markers that most chat templates (SmolLM2's included) lack, and trl adds
 dependencies without adding anything else these commands use. The Trainer does all the

@@ -1,3 +1,3 @@
 """`!function utils.load` for the MMLU task YAMLs of this folder."""
 
-from lm_eval_layers.data import load  # noqa: F401
+from lm_eval_layers.task_data import load  # noqa: F401
