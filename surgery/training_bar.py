@@ -4,11 +4,14 @@ optimizer steps, the latest loss and tokens per second with rich (the library on
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from lm_eval_layers.training.reporter import Reporter
 
 
 class ProgressBar(TrainerCallback):

@@ -221,8 +221,8 @@ def write_output(settings: TrainSettings, work: Work, model: Any, base: Path, to
     tokenizer.save_pretrained(str(final))
     run_report.write_log(final, log)
     run_report.plot(final, log)
-    report.model_card(final, log, base_model(source))
-    _usual_modes(final, report.LOG_FILE)
+    run_report.model_card(final, log, base_model(source))
+    _usual_modes(final, run_report.LOG_FILE)
     work.finish()
 
 
