@@ -461,3 +461,27 @@ def read_plan_file(path: Any) -> tuple[LayerPlan, str | None]:
 def plan_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the plan's arguments out of a model_args dict (the rest goes to lm-eval's `hf`)."""
     return {name: kwargs.pop(name) for name in PlanSpec.ARGS if name in kwargs}
+
+
+def plan_text_args(text: str) -> dict[str, Any]:
+    """A plan written as one string in the plugin's syntax (`drop=20-27`, `drop=3;5-7,drop_attn=0`,
+    `insert=1:avg,3:copy`; '' is the full model) split into its arguments: a comma starts a new
+    argument only before `name=`, so `drop=3,5-7` reads as one argument."""
+    args: dict[str, Any] = {}
+    name = None
+    for part in text.split(",") if text.strip() else []:
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if sep and key in PlanSpec.ARGS:
+            if key in args:
+                raise PlanError(f"plan {text!r} gives {key} twice; give each argument once")
+            name, args[key] = key, value
+        elif sep:
+            raise PlanError(f"plan {text!r}: unknown argument {key!r}; use {', '.join(PlanSpec.ARGS)}")
+        elif name is None:
+            raise PlanError(f"plan {text!r}: write name=value, e.g. drop=20-27 or preset=llama-pro:4 ('' = the full model)")
+        else:
+            args[name] += "," + part
+    if str(args.get("drop_lowest", "")).strip().isdigit():
+        args["drop_lowest"] = int(args["drop_lowest"])
+    return args

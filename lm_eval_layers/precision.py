@@ -30,8 +30,13 @@ def training_dtype(value: str, flag: str = "--dtype") -> DType:
     except ValueError:
         raise UsageError(f"{flag} {value}: use float32, bfloat16 or float16") from None
     if dtype is DType.float16:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{flag} float16 trains with loss scaling on a GPU only; use float32 (or bfloat16) here")
+        float16_needs_a_gpu(flag, "trains with loss scaling on a GPU only")
     return dtype
+
+
+def float16_needs_a_gpu(flag: str, why: str = "needs a GPU") -> None:
+    """The one refusal of float16 on a machine without CUDA (torch imported only here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"{flag} float16 {why}; use float32 (or bfloat16) here")

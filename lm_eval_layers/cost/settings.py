@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lm_eval_layers.errors import LayersError, UsageError
 from lm_eval_layers.outputs import check_file
-from lm_eval_layers.plan import PlanSpec
+from lm_eval_layers.plan import PlanSpec, plan_text_args
 from lm_eval_layers.precision import DType
 from lm_eval_layers.scores_file import Scores, load_scores, read_scores
 from lm_eval_layers.settings import MODEL_HELP, argument, option, required
@@ -25,29 +25,15 @@ class Device(str, Enum):
 
 
 def plan_from_text(text: str) -> PlanSpec:
-    """A plan in the plugin's syntax, `drop=20-27`, `preset=llama-pro:4`, `drop=3;5-7,drop_attn=0`
-    ('' is the full model). A comma starts a new argument only before `name=`, so `drop=3,5-7`
-    and `insert=1:avg,3:copy` read as one argument each."""
-    args: dict[str, str] = {}
-    name = None
-    for part in text.split(",") if text.strip() else []:
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if sep and key in ("repair", "ridge", "calibration", "tokens"):
+    """A plan in the plugin's syntax (`plan.plan_text_args`); repairs are refused: bench measures cost."""
+    for part in text.split(","):
+        if part.partition("=")[0].strip() in ("repair", "ridge", "calibration", "tokens") and "=" in part:
             raise UsageError(f"plan {text!r}: a repair does not change a variant's cost (same tensors, same shapes); bench "
                              "the plan without it and evaluate the repaired model with lm_eval --model layered")
-        if sep and key in PlanSpec.ARGS:
-            if key in args:
-                raise UsageError(f"plan {text!r} gives {key} twice; give each argument once")
-            name, args[key] = key, value
-        elif sep:
-            raise UsageError(f"plan {text!r}: unknown argument {key!r}; use {', '.join(PlanSpec.ARGS)}")
-        elif name is None:
-            raise UsageError(f"plan {text!r}: write name=value, e.g. drop=20-27 or preset=llama-pro:4 ('' = the full model)")
-        else:
-            args[name] += "," + part
-    if args.get("drop_lowest", "").strip().isdigit():
-        args["drop_lowest"] = int(args["drop_lowest"])  # type: ignore[assignment]
+    try:
+        args = plan_text_args(text)
+    except LayersError as e:
+        raise UsageError(str(e)) from None
     try:
         return PlanSpec.from_args(**load_scores(args))
     except LayersError as e:

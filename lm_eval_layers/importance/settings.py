@@ -17,10 +17,9 @@ from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import shapiq_adapter
 from lm_eval_layers.plan import unit_name
 from lm_eval_layers.precision import DType
-from lm_eval_layers.settings import argument, option
+from lm_eval_layers.settings import MODEL_HELP, argument, option
 from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
 
-MODEL_HELP = "local folder, .gguf file, hub id, or 'smollm2' (the embedded default)"
 EXACT_LIMIT = 16  # units above which --method exact needs --force (2^16 evaluations)
 
 

@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 
 from lm_eval_layers.errors import UsageError
-from lm_eval_layers.precision import DType
+from lm_eval_layers.precision import DType, float16_needs_a_gpu
 from lm_eval_layers.shares import parse_share
 from lm_eval_layers.settings import MODEL_HELP, argument, coerce_enums, option, required
 from lm_eval_layers.calibration import calibration_option, parse_shape, seed_option, tokens_option
@@ -94,10 +94,7 @@ class SearchSettings:
         if self.survivors > self.offspring:
             raise UsageError(f"--survivors {self.survivors} exceeds --offspring {self.offspring}; survivors are chosen among them")
         if self.dtype == DType.float16:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UsageError("--dtype float16 needs a GPU; use float32 (or bfloat16) here")
+            float16_needs_a_gpu("--dtype")
 
     @property
     def keep_share(self) -> float | None:
