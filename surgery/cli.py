@@ -117,7 +117,22 @@ def inspect(
 
 
 def main() -> None:
-    app(prog_name="surgery")
+    """The console script: a mistake in a flag or its value is one `error:` line and exit 2, as
+    every other user mistake (click would draw a box of its own)."""
+    from typer.exceptions import TyperException  # click's errors, as typer ships them
+
+    try:
+        code = app(prog_name="surgery", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        message = (e.format_message() if hasattr(e, "format_message") else str(e)).strip().replace("Value error, ", "")
+        if message:  # else the help was shown (no arguments given)
+            typer.echo(f"error: {message.splitlines()[0]} (see {ctx.command_path if ctx else 'surgery'} --help)", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,10 @@ def test_console_script_and_module_entry_points(tmp_path):
         proc = subprocess.run([*cmd, "prune", str(tmp_path / "nope"), "--drop", "1", "--out", str(tmp_path / "o")],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 2 and proc.stderr.startswith("error: no model folder") and "Traceback" not in proc.stderr
+        proc = subprocess.run([*cmd, "prune", "smollm2", "--drop", "1", "--dtype", "fp16", "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: Invalid value for '--dtype'"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "surgery prune --help" in proc.stderr
     src = save(make_model("llama"), tmp_path / "src")
     proc = subprocess.run([str(script), "prune", str(src), "--drop", "1", "--out", str(tmp_path / "pruned")],
                           capture_output=True, text=True)
@@ -314,3 +318,20 @@ def test_prune_and_expand_are_library_calls_with_the_clis_result(tmp_path):
     assert raw_tensors(tmp_path / "lib") == raw_tensors(tmp_path / "cli")
     grown = expand(ExpandSettings(model=str(src), out=tmp_path / "grown", insert="2:copy-zero"))
     assert json.loads((grown.written.out / "config.json").read_text())["num_hidden_layers"] == DEPTH + 1
+
+
+def test_a_plan_out_of_range_of_a_gguf_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    """The GGUF's block count comes from its metadata; opening it (seconds) never happens."""
+    from lm_eval_layers.checkpoint import sources
+    from lm_eval_layers.checkpoint.commands import prune
+    from lm_eval_layers.checkpoint.settings import PruneSettings
+    from lm_eval_layers.errors import PlanError
+
+    def never(model):
+        raise AssertionError(f"{model} was opened before the plan was checked")
+
+    monkeypatch.setattr(sources, "open_model", never)
+    assert sources.header_depth("smollm2") == 30
+    with pytest.raises(PlanError, match="block 30 is out of range for a model with 30 blocks"):
+        prune(PruneSettings(model="smollm2", out=tmp_path / "out", drop="30"))
+    assert not (tmp_path / "out").exists()

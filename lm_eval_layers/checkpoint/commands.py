@@ -33,13 +33,16 @@ def write_plan(command: str, settings: WriteSettings, progress: Progress = lambd
     """Check every argument that needs no weights (the plan's syntax, the output folder, the plan
     against the model's depth), fit a repair if the plan has one, then stream the variant to disk."""
     from lm_eval_layers.arch import num_layers
-    from lm_eval_layers.checkpoint.sources import open_model
+    from lm_eval_layers.checkpoint.sources import header_depth, open_model
     from lm_eval_layers.checkpoint.writer import write_variant
     from lm_eval_layers.outputs import check_folder
 
     spec = settings.spec()
     model_dir = Path(settings.model).expanduser()
     check_folder(settings.out, settings.force, inside=model_dir if model_dir.is_dir() else None)
+    depth = header_depth(settings.model)
+    if depth is not None:
+        spec.resolve(depth)  # a plan out of range, before the seconds opening a GGUF takes
     progress(f"opening {settings.model}", 0, None)
     source = open_model(settings.model)
     plan = spec.resolve(num_layers(source.config), source.config.get("model_type"))

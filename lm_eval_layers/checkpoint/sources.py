@@ -206,6 +206,29 @@ def open_model(model: str) -> Source:
     return SafetensorsFolder(_download(model), name=model)
 
 
+def header_depth(model: str) -> int | None:
+    """The block count of a GGUF model read from its metadata alone (a fraction of a second, where
+    opening it through transformers takes seconds), so a plan out of range is refused first;
+    None for other inputs, whose config is cheap to read anyway."""
+    path = Path(model).expanduser()
+    if model.lower() == ALIAS:
+        try:
+            path = smollm2_gguf()
+        except FileNotFoundError:
+            return None
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"]
+        count = fields[f"{bytes(arch.parts[arch.data[0]]).decode()}.block_count"]
+        return int(count.parts[count.data[0]][0])
+    except (KeyError, ValueError, OSError):
+        return None  # opening it properly says what is wrong
+
+
 @functools.lru_cache(maxsize=2)
 def _gguf(path: Path, name: str, mtime_ns: int) -> GGUFFile:
     """Opening a GGUF file costs seconds (its header, transformers' config and name mapping);
