@@ -432,3 +432,13 @@ def test_the_store_answers_only_for_the_model_files_and_settings_that_produced_i
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
     again = run()
     assert again["reused"] == 0 and again["new_evaluations"] == 6
+
+
+def test_a_store_beside_an_out_in_a_new_folder_creates_the_folder(tmp_path):
+    """`surgery score/search --out new/dir/x.json` keep their store beside --out: its folder is
+    made (as prune makes its --out), not an sqlite3 'unable to open database file' after loading."""
+    from lm_eval_layers.importance.store import Store
+
+    store = Store(tmp_path / "new" / "dir" / "scores.sqlite", {"test": 1})
+    store.put("0101", {"task": {"acc": [1.0]}})
+    assert (tmp_path / "new" / "dir" / "scores.sqlite").is_file() and len(store) == 1

@@ -31,6 +31,8 @@ class Store:
 
     def _open(self, create: bool) -> sqlite3.Connection | None:
         if self._db is None and (create or self.path is None or self.path.exists()):
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # --out in a new folder, as prune makes it
             self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path))
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS coalitions (context TEXT, coalition TEXT, scores TEXT, PRIMARY KEY (context, coalition))"
