@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_layers.compat.harness import ScoringSeam, under_lm_eval_cli, use_cache_table
+from lm_eval_layers.compat.harness import ScoringSeam, cli_tasks, under_lm_eval_cli, use_cache_table
 from lm_eval_layers.compat.loading import loading_options
 
 from lm_eval_layers.arch import check_plan, num_layers
@@ -37,6 +37,8 @@ from lm_eval_layers.loglikelihood import Request, attention_window, make_batches
 from lm_eval_layers.plan import LayerPlan, PlanSpec, plan_args
 from lm_eval_layers.pruned_load import loads_pruned, pruned_folder
 from lm_eval_layers.scores_file import load_scores
+from lm_eval_layers.task_data import check_sources
+from lm_eval_layers.task_suite import shipped_data_names
 from lm_eval_layers.variant import Variant, apply_plan, clone_model
 
 
@@ -73,6 +75,7 @@ class LayeredLM(ScoringSeam):
         with _one_line_under_lm_eval_cli():
             self.prepared = _switch("fast", fast)  # prepared requests for log-likelihoods, or hf's own loop
             keep_base = _switch("keep_base", keep_base)  # hold the whole model, to switch plans with use_plan
+            check_sources(shipped_data_names(cli_tasks()))  # the shipped tasks' data, before the model loads
             spec = PlanSpec.from_args(**load_scores(plan_args(kwargs)))
             _check_dtypes(kwargs)
             pretrained, gguf_file = resolve_alias(pretrained, kwargs.pop("gguf_file", None))

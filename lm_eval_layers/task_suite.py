@@ -86,6 +86,9 @@ def check_task_names(manager: TaskManager, names: list[str]) -> None:
             near = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"did you mean {', '.join(near)}?" if near else "list them with `lm_eval ls tasks`"
             raise TaskError(f"task {name!r} is not known to lm-eval or to the shipped tasks; {hint}")
+    from lm_eval_layers.task_data import check_sources
+
+    check_sources(shipped_data_names(names))  # their data, before any model is loaded
 
 
 def load_tasks(manager: TaskManager, names: list[str]) -> dict[str, Any]:
@@ -101,3 +104,22 @@ def load_tasks(manager: TaskManager, names: list[str]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     print(tasks_dir())
+
+
+def shipped_data_names(names: Iterable[str]) -> list[str]:
+    """The data folders (`local_name`'s first part, e.g. `arc_easy`, `mmlu`) that the shipped tasks
+    and groups among `names` read; other tasks are lm-eval's business."""
+    import re
+
+    by_task: dict[str, set[str]] = {}
+    for yaml in tasks_dir().rglob("*.yaml"):
+        text = yaml.read_text()
+        local = re.search(r"^\s*local_name:\s*([\w./-]+)", text, re.M)
+        for key in ("task", "group"):
+            named = re.search(rf"^{key}:\s*(\S+)", text, re.M)
+            if named and local:
+                by_task.setdefault(named.group(1), set()).add(local.group(1).split("/")[0])
+            elif named:  # a group: the data of the tasks beside it
+                siblings = (re.search(r"^\s*local_name:\s*([\w./-]+)", y.read_text(), re.M) for y in yaml.parent.glob("*.yaml"))
+                by_task.setdefault(named.group(1), set()).update(m.group(1).split("/")[0] for m in siblings if m)
+    return list(dict.fromkeys(folder for name in names for folder in sorted(by_task.get(name, ()))))

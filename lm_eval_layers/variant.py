@@ -178,46 +178,19 @@ class Variant:
         parent, name = self.layout.parent_and_name(model)
         self._parent, self._name = parent, name
         self.original_blocks: nn.ModuleList = getattr(parent, name)
-        if getattr(self.original_blocks, "_lm_eval_layers_variant", False):
-            raise PlanError("this model already has a layer plan applied; restore() it before applying another")
-        if len(self.original_blocks) != plan.num_layers:
-            raise PlanError(
-                f"the plan is for {plan.num_layers} blocks but the model has {len(self.original_blocks)}; "
-                "resolve the plan against this model's config"
-            )
+        self._check_stack()
         self._config = text_config(model.config)
         values = self._config.to_dict()
         updates = config_updates(self._config, self.layout, plan)
         self._saved_config = {key: values[key] if key in values else getattr(self._config, key, None) for key in updates}
-        try:
-            blocks = nn.ModuleList(
-                build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx)) for idx, slot in enumerate(plan.slots)
-            )
-        except RuntimeError as e:  # e.g. weight-normed parameters that cannot be cloned without copying
-            raise PlanError(f"{getattr(self._config, 'model_type', type(model).__name__)}: its blocks cannot be cloned "
-                            f"with shared weights ({str(e).splitlines()[0][:120]})") from None
-        blocks._lm_eval_layers_variant = True
+        family = getattr(self._config, "model_type", type(model).__name__)
+        blocks = self._build_blocks(tensors, family)
         setattr(parent, name, blocks)
         self.blocks = blocks
-        # depths the stack's owner copied from its config at build time (Gemma 4's first shared-KV
-        # block is `num_hidden_layers - num_kv_shared_layers`): a model built for the plan has the new one
-        self._saved_depths = {k: v for k, v in vars(parent).items() if not k.startswith("_") and type(v) is int
-                              and v == plan.num_layers}
-        for key in self._saved_depths:
-            setattr(parent, key, len(plan.slots))
-        family = getattr(self._config, "model_type", type(model).__name__)
+        self._follow_depth()
         self._config_class = type(self._config)
         try:
-            pinned = computed_mismatch(self._config, plan, updates)
-            for key, value in updates.items():
-                try:
-                    setattr(self._config, key, value)
-                except (AttributeError, TypeError, ValueError, NotImplementedError):
-                    raise PlanError(f"{family}: its config field {key!r} is computed, not stored, so it cannot follow the plan") from None
-            if pinned:  # lists the config computes from the index: stored for this variant instead
-                self._config.__class__ = type(self._config_class.__name__, (self._config_class,), dict.fromkeys(pinned))
-                self._config.__dict__.update(pinned)
-            self._pinned = tuple(pinned)
+            self._update_config(updates, family)
             proven: set = self.original_blocks.__dict__.setdefault("_lm_eval_layers_proven", set())
             key = (plan.num_layers, plan.slots)
             problem = None if key in proven else probe.check(model, blocks, plan, self.layout, self.original_blocks,
@@ -229,6 +202,55 @@ class Variant:
             self.restore()
             raise PlanError(problem)
         proven.add(key)  # a plan's claims are properties of the family's code, not of the weights: proven once per model
+
+    def _check_stack(self) -> None:
+        """Refused before anything changes: a stack that already holds a variant (one plan at a
+        time), or one of another depth than the plan's."""
+        if getattr(self.original_blocks, "_lm_eval_layers_variant", False):
+            raise PlanError("this model already has a layer plan applied; restore() it before applying another")
+        if len(self.original_blocks) != self.plan.num_layers:
+            raise PlanError(
+                f"the plan is for {self.plan.num_layers} blocks but the model has {len(self.original_blocks)}; "
+                "resolve the plan against this model's config"
+            )
+
+    def _build_blocks(self, tensors: dict[int, dict[str, torch.Tensor]] | None, family: str) -> nn.ModuleList:
+        """The variant's stack, one module per slot sharing the original tensors, marked as a
+        variant; a family whose blocks cannot be cloned that way is refused in one line."""
+        try:
+            blocks = nn.ModuleList(
+                build_slot(self.layout, self.original_blocks, slot, idx, (tensors or {}).get(idx))
+                for idx, slot in enumerate(self.plan.slots)
+            )
+        except RuntimeError as e:  # e.g. weight-normed parameters that cannot be cloned without copying
+            raise PlanError(f"{family}: its blocks cannot be cloned with shared weights "
+                            f"({str(e).splitlines()[0][:120]})") from None
+        blocks._lm_eval_layers_variant = True
+        return blocks
+
+    def _follow_depth(self) -> None:
+        """Depths the stack's owner copied from its config at build time (Gemma 4's first shared-KV
+        block is `num_hidden_layers - num_kv_shared_layers`) take the plan's depth, as a model
+        built for the plan would have them; `restore()` puts them back."""
+        self._saved_depths = {k: v for k, v in vars(self._parent).items() if not k.startswith("_") and type(v) is int
+                              and v == self.plan.num_layers}
+        for key in self._saved_depths:
+            setattr(self._parent, key, len(self.plan.slots))
+
+    def _update_config(self, updates: dict[str, Any], family: str) -> None:
+        """Set the config fields the plan changes, refused in one line where a field is computed;
+        per-layer lists the config computes wrongly for the plan's stack are stored for this
+        variant instead (a subclass shadows them; `restore()` takes it away)."""
+        pinned = computed_mismatch(self._config, self.plan, updates)
+        for key, value in updates.items():
+            try:
+                setattr(self._config, key, value)
+            except (AttributeError, TypeError, ValueError, NotImplementedError):
+                raise PlanError(f"{family}: its config field {key!r} is computed, not stored, so it cannot follow the plan") from None
+        if pinned:
+            self._config.__class__ = type(self._config_class.__name__, (self._config_class,), dict.fromkeys(pinned))
+            self._config.__dict__.update(pinned)
+        self._pinned = tuple(pinned)
 
     def restore(self) -> None:
         """Put the original blocks and config fields back (idempotent)."""

@@ -203,3 +203,45 @@ def test_a_task_named_beside_its_group_is_one_clear_error(tmp_path, local_data):
     with pytest.raises(TaskError, match="Duplicate task 'arc_easy_local'.*name each task once"):
         load_tasks(manager, ["arc_easy_local", "my_arc_group"])
     assert list(load_tasks(manager, ["my_arc_group"])) == ["arc_easy_local"]
+
+
+def test_the_shipped_tasks_data_is_checked_before_any_model_loads(monkeypatch, tmp_path):
+    """Each shipped task or group names its data folder; a missing folder, or no folder with the
+    hub switched off, is one DataError naming the fix. Tasks that are not shipped are not judged."""
+    from lm_eval_layers.errors import DataError
+    from lm_eval_layers.task_data import ENV, check_sources
+    from lm_eval_layers.task_suite import shipped_data_names
+
+    assert shipped_data_names(["arc_easy_local", "mmlu_local", "mmlu_local_anatomy", "arc_easy", "nq_open_local"]) == [
+        "arc_easy", "mmlu", "nq_open"]
+    monkeypatch.setenv(ENV, str(tmp_path))
+    (tmp_path / "arc_easy").mkdir()
+    check_sources(["arc_easy"])
+    with pytest.raises(DataError, match=f"{ENV}={tmp_path} has no folder 'mmlu'"):
+        check_sources(["arc_easy", "mmlu"])
+    monkeypatch.delenv(ENV)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=f"the arc_easy data needs {ENV}"):
+        check_sources(["arc_easy"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    check_sources(["arc_easy"])  # the hub is allowed: nothing to refuse before trying it
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_refuses_missing_task_data_before_loading_the_model(tiny_llama_dir, tmp_path):
+    """`lm_eval --model layered` without the data variable and offline: one error line, exit 2,
+    before any weight is read (it was a DataError traceback after loading and 5 hub retries)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LM_EVAL_LAYERS_DATA"} | {"HF_HUB_OFFLINE": "1"}
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    proc = subprocess.run([str(lm_eval), "--model", "layered", "--model_args", f"pretrained={tiny_llama_dir},drop=1",
+                           "--tasks", "arc_easy_local", "--include_path", str(TASKS), "--limit", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "LM_EVAL_LAYERS_DATA" in errors[0] and "Traceback" not in proc.stderr
+    assert "Loading weights" not in proc.stderr

@@ -89,3 +89,19 @@ def under_lm_eval_cli() -> bool:
 
 
 CLI_ENTRY = "cli_evaluate"  # the function behind lm-eval's console script (pyproject `lm_eval = ...`)
+
+
+def cli_tasks() -> list[str]:
+    """The task names of lm-eval's command line (`--tasks a,b` or `--tasks=a,b`) when its console
+    entry point is running, so the plugin can check their data before the model loads (lm-eval
+    builds the model first and the tasks after); [] otherwise."""
+    if not under_lm_eval_cli():
+        return []
+    import sys
+
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--tasks" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--tasks=") else None
+        if value is not None:
+            return [t.strip() for t in value.split(",") if t.strip()]
+    return []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from itertools import combinations
 
@@ -370,6 +371,55 @@ class _KAdditive:
 SURROGATES = {"trees": lambda hub: _Trees(), "kadd": lambda hub: _KAdditive(hub)}
 
 
+def _draw_pairs(head: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """One side of each sampled complementary pair: a uniformly drawn size in 2..n−2, uniform
+    within the size, until the new coalitions would pass `budget`. At most `budget` draws
+    (repeats are free, so the bound keeps the loop finite), and the pairs at a smaller budget
+    are a prefix of those at a larger one."""
+    n = head.shape[1]
+    sizes = np.arange(2, n - 1)
+    bits = 1 << np.arange(n, dtype=np.int64)
+    seen = set((head @ bits).tolist())
+    rows: list[np.ndarray] = []
+    while len(rows) < budget:
+        row = np.zeros(n, bool)
+        row[rng.choice(n, int(rng.choice(sizes)), replace=False)] = True
+        new = {int(row @ bits), int(~row @ bits)} - seen
+        if len(seen) + len(new) > budget:
+            break
+        seen |= new
+        rows.append(row)
+    return np.array(rows, dtype=bool).reshape(-1, n)
+
+
+def _middle_part(f: _Trees | _KAdditive, n: int) -> np.ndarray:
+    """A surrogate's Shapley values on the sampled strata only: its whole values less its ends
+    strata, which the game's own enumerated coalitions give exactly."""
+    eye = np.eye(n, dtype=bool)
+    f_full = f.predict(np.ones((1, n), bool))[0] - f.predict(np.zeros((1, n), bool))[0]
+    f_singles = f.predict(eye) - f.predict(~eye)
+    return f.shapley(n) - _ends_part(n, -f_full / 2, f_full / 2, f_singles / 2, -f_singles / 2)
+
+
+def _cross_fitted(fitted: Callable[[np.ndarray], tuple[_Trees | _KAdditive, np.ndarray]], pairs: np.ndarray,
+                  odd: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Each pair's unbiased estimate of the sampled strata, corrected by a surrogate fitted on the
+    other folds: one that had seen the pair would absorb its residual and bias the correction."""
+    m, n = pairs.shape
+    size = pairs.sum(axis=1, keepdims=True)
+    # One pair's unbiased estimate of the sampled strata (the n−3 sizes 2..n−2) for the residual r
+    # (odd, so S and N∖S agree).
+    weight = (n - 3) * np.where(pairs, 1 / np.maximum(size, 1), -1 / np.maximum(n - size, 1))
+    fold = rng.permutation(np.arange(m) % folds)
+    h = np.zeros((m, n))
+    for k in range(folds):
+        test = fold == k
+        f, middle = fitted(~test)
+        fo = (f.predict(pairs[test]) - f.predict(~pairs[test])) / 2
+        h[test] = middle + weight[test] * (odd[test] - fo)[:, None]
+    return h
+
+
 def ramc(game: CachedGame, budget: int, seed: int = 0, surrogate: str = "trees", folds: int = 5) -> Estimate:
     """Regression-adjusted Monte Carlo: exact Shapley values of a surrogate fitted to the odd
     part of the game plus an unbiased Monte Carlo estimate of the residual's, cross-fitted (the
@@ -393,48 +443,25 @@ def ramc(game: CachedGame, budget: int, seed: int = 0, surrogate: str = "trees",
     vh = game(head)
     v_empty, v_full, singles, complements = vh[0], vh[1], vh[2:n + 2], vh[n + 2:]
     exact_part = _ends_part(n, v_empty, v_full, singles, complements)
-    sizes = np.arange(2, n - 1)
-    bits = 1 << np.arange(n, dtype=np.int64)
-    seen = set((head @ bits).tolist())
-    rows: list[np.ndarray] = []
-    while len(rows) < budget:
-        row = np.zeros(n, bool)
-        row[rng.choice(n, int(rng.choice(sizes)), replace=False)] = True
-        new = {int(row @ bits), int(~row @ bits)} - seen
-        if len(seen) + len(new) > budget:
-            break
-        seen |= new
-        rows.append(row)
-    pairs = np.array(rows, dtype=bool).reshape(-1, n)
+    pairs = _draw_pairs(head, budget, rng)
     odd = (game(pairs) - game(~pairs)) / 2 if len(pairs) else np.zeros(0)
     # Known odd values from the head: o(N) and o({i}), with o(N∖S) = −o(S).
     head_rows = np.concatenate([np.ones((1, n), bool), eye])
     head_odd = np.concatenate([[(v_full - v_empty) / 2], (singles - complements) / 2])
     hub = int(np.argmax(v_full - complements))
-    size = pairs.sum(axis=1, keepdims=True)
-    # One pair's unbiased estimate of the sampled strata for the residual r (odd, so S and N∖S agree).
-    weight = len(sizes) * np.where(pairs, 1 / np.maximum(size, 1), -1 / np.maximum(n - size, 1))
 
-    def fitted(train: np.ndarray):
+    def fitted(train: np.ndarray) -> tuple[_Trees | _KAdditive, np.ndarray]:
+        """The surrogate fitted to the head and the `train` pairs, and its sampled strata."""
         X = np.concatenate([head_rows, pairs[train], ~head_rows, ~pairs[train]])
         y = np.concatenate([head_odd, odd[train], -head_odd, -odd[train]])
         f = SURROGATES[surrogate](hub).fit(X, y)
-        f_full, f_singles = f.predict(np.ones((1, n), bool))[0] - f.predict(np.zeros((1, n), bool))[0], f.predict(eye) - f.predict(~eye)
-        middle = f.shapley(n) - _ends_part(n, -f_full / 2, f_full / 2, f_singles / 2, -f_singles / 2)
-        return f, middle
+        return f, _middle_part(f, n)
 
     m = len(pairs)
     if m < 2:
-        f, middle = fitted(np.ones(m, bool))
-        values = exact_part + middle
-        return Estimate(name, values, np.full(n, np.inf), game.evaluations, v_empty, v_full, {"pairs": m})
-    fold = rng.permutation(np.arange(m) % min(folds, m))
-    h = np.zeros((m, n))
-    for k in range(min(folds, m)):
-        test = fold == k
-        f, middle = fitted(~test)
-        fo = (f.predict(pairs[test]) - f.predict(~pairs[test])) / 2
-        h[test] = middle + weight[test] * (odd[test] - fo)[:, None]
+        _, middle = fitted(np.ones(m, bool))
+        return Estimate(name, exact_part + middle, np.full(n, np.inf), game.evaluations, v_empty, v_full, {"pairs": m})
+    h = _cross_fitted(fitted, pairs, odd, min(folds, m), rng)
     stderr = h.std(axis=0, ddof=1) / math.sqrt(m)
     return Estimate(name, exact_part + h.mean(axis=0), stderr, game.evaluations, v_empty, v_full,
                     {"df": m - 1, "pairs": m})

@@ -138,22 +138,14 @@ def _metric_on_the_full_model(game: Any, rank: int, world: int) -> bool:
     return evaluated
 
 
-def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Progress, manager: Any, rank: int,
-             world: int) -> dict[str, Any] | None:
-    """Evaluate the method's coalitions round by round (split across processes); rank 0
-    estimates after each round and decides when to stop, then reports."""
+def _task_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Progress, manager: Any,
+               num_layers: int) -> Any:
+    """The game over lm-eval's tasks: requests prepared and the full model's hidden states cached
+    once for every coalition, and the store narrowed to these tasks' configs and documents (an
+    edited task is never answered from it)."""
     from lm_eval_layers.evaluate import Evaluator
-    from lm_eval_layers.importance import stopping
-    from lm_eval_layers.importance.games import CachedGame, from_key, key
-    from lm_eval_layers.importance.scoring import chance_level, check_exact, estimate, finite, report, score_units
     from lm_eval_layers.importance.task_game import TaskGame
 
-    header = _header(lm, settings)
-    method, unit, metric, tol = settings.method, settings.players, settings.metric.value, settings.tol
-    estimator, seed, level = settings.shapley_estimator or "", settings.seed, settings.level
-    n = unit.players(header["num_layers"])
-    if method is Method.exact:
-        check_exact(n, settings.force)
     if manager is None:
         from lm_eval_layers.task_suite import task_manager
 
@@ -164,8 +156,25 @@ def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Pr
         store = store.within({"task_identity": evaluator.identity})
     if evaluator.fallback:
         progress.note(f"lm-eval's own loop for every variant: {evaluator.fallback}")
-    game = TaskGame(lambda plan: evaluator.evaluate(plan).examples, header["num_layers"], unit, metric,
+    return TaskGame(lambda plan: evaluator.evaluate(plan).examples, num_layers, settings.players, settings.metric.value,
                     store)  # type: ignore[arg-type]  (None on ranks other than 0: they never store)
+
+
+def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Progress, manager: Any, rank: int,
+             world: int) -> dict[str, Any] | None:
+    """Evaluate the method's coalitions round by round (split across processes); rank 0
+    estimates after each round and decides when to stop, then reports."""
+    from lm_eval_layers.importance import stopping
+    from lm_eval_layers.importance.games import CachedGame, from_key, key
+    from lm_eval_layers.importance.scoring import check_exact, estimate
+
+    header = _header(lm, settings)
+    method, tol = settings.method, settings.tol
+    estimator, seed, level = settings.shapley_estimator or "", settings.seed, settings.level
+    n = settings.players.players(header["num_layers"])
+    if method is Method.exact:
+        check_exact(n, settings.force)
+    game = _task_game(lm, settings, store, progress, manager, header["num_layers"])
     fresh = {key(np.ones(n, bool))} if _metric_on_the_full_model(game, rank, world) else set()
     rounds = stopping.plan(n, method.value, settings.budget, estimator, seed, level, stopping.ROUNDS if tol else 1)
     per_process, reused, done = [len(fresh)] + [0] * (world - 1), 0, 0
@@ -174,7 +183,8 @@ def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Pr
     def evaluate(planned: list[int]) -> None:
         nonlocal reused, done
         todo = distributed.broadcast(
-            [k for k in planned if store.get(game.name(from_key(k, n))) is None] if store is not None else None, world)
+            [k for k in planned if game.store.get(game.name(from_key(k, n))) is None] if game.store is not None else None,
+            world)
         skipped = set(planned) - set(todo)
         reused += len(skipped - fresh)
         done += len(skipped)
@@ -200,12 +210,24 @@ def _by_game(lm: Any, settings: ScoreSettings, store: Store | None, progress: Pr
                         tol, lambda decision: distributed.broadcast(decision, world), show)
     if rank != 0:
         return None
-    est, _, sample_se = score_units(game, method, stop.budget, estimator, seed, level, settings.force)
+    counts = {"new_evaluations": sum(per_process), "reused": reused, "evaluations_per_process": per_process}
+    return _game_report(game, settings, stop, counts, header)
+
+
+def _game_report(game: Any, settings: ScoreSettings, stop: Any, counts: dict[str, Any],
+                 header: dict[str, Any]) -> dict[str, Any]:
+    """The scores.json document of a game method (rank 0): the units' values at the budget the
+    run stopped at, what it evaluated or reused (`counts`), and with --tol why it stopped."""
+    from lm_eval_layers.importance.scoring import chance_level, finite, report, score_units
+
+    method, seed, tol = settings.method, settings.seed, settings.tol
+    est, _, sample_se = score_units(game, method, stop.budget, settings.shapley_estimator or "", seed, settings.level,
+                                    settings.force)
     shapley = method is Method.shapley
-    extra = {"new_evaluations": sum(per_process), "reused": reused, "evaluations_per_process": per_process}
+    extra = dict(counts)
     if tol is not None:
         extra.update(tol=tol, stop_reason=stop.reason, rounds=stop.round, rounds_planned=stop.rounds,
                      round_budget=stop.budget, widest_half_width=finite(stop.half_width))
-    return report(est, sample_se, estimator=settings.shapley_estimator, metric=metric, tasks=settings.task_names,
-                  limit=settings.limit, budget=settings.budget if shapley else None, chance=chance_level(game),
-                  unit=unit, method=method, seed=seed, extra=extra, **header)
+    return report(est, sample_se, estimator=settings.shapley_estimator, metric=settings.metric.value,
+                  tasks=settings.task_names, limit=settings.limit, budget=settings.budget if shapley else None,
+                  chance=chance_level(game), unit=settings.players, method=method, seed=seed, extra=extra, **header)

@@ -173,20 +173,37 @@ def engines(settings: SearchSettings, windows: torch.Tensor, manager: Any, progr
     return lm.model, engine, screen
 
 
+def check_outputs(settings: SearchSettings) -> None:
+    """--out, --plot and the store beside --out, refused before anything is read or loaded."""
+    from lm_eval_layers.outputs import check_file
+
+    check_file(settings.out, settings.force)
+    if settings.plot:
+        check_file(settings.plot, settings.force, "--plot")
+    check_store(settings)
+
+
+def check_params(settings: SearchSettings, sizes: dict[Any, int], candidates: list, total: int) -> None:
+    """A --params share that removing every unprotected unit still cannot reach is refused
+    before the search runs (it would end without meeting it)."""
+    if settings.keep_share is None:
+        return
+    removable = sum(sizes[u] for u in candidates)
+    if total - removable > settings.keep_share * total:
+        raise UsageError(f"--params {settings.params} cannot be met: removing every unprotected unit keeps "
+                         f"{1 - removable / total:.1%}; keep more or protect less")
+
+
 @torch.no_grad()
 def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) -> dict[str, Any] | None:
     """Run the search; returns the search.json document (on rank 0 of a `torchrun` run, whose
     processes split each step's candidates; None on the others)."""
     from lm_eval_layers import distributed
     from lm_eval_layers.calibration import read_calibration
-    from lm_eval_layers.outputs import check_file
 
     from lm_eval_layers.importance.store import Store
 
-    check_file(settings.out, settings.force)
-    if settings.plot:
-        check_file(settings.plot, settings.force, "--plot")
-    check_store(settings)
+    check_outputs(settings)
     manager = task_manager_for(settings)
     rank, world = distributed.setup()
     if rank != 0:
@@ -207,9 +224,7 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     sizes = unit_parameters(model, layout, settings.unit == SearchUnit.halves)
     total = sum(p.numel() for p in model.parameters())
     budget = Budget(settings.remove, settings.keep_share)
-    if settings.keep_share is not None and total - sum(sizes[u] for u in candidates) > settings.keep_share * total:
-        raise UsageError(f"--params {settings.params} cannot be met: removing every unprotected unit keeps "
-                         f"{1 - sum(sizes[u] for u in candidates) / total:.1%}; keep more or protect less")
+    check_params(settings, sizes, candidates, total)
     loaded = time.perf_counter()
     calibration_key = {"sha256": calibration.sha256, "windows": count, "tokens": tokens, "seed": settings.seed}
     if rank == 0 and settings.store_path.exists() and not settings.resume:  # --force: start afresh
@@ -220,29 +235,42 @@ def find_plan(settings: SearchSettings, progress: Progress = lambda *a: None) ->
     distributed.finish(world)
     if rank != 0:
         return None
+    return search_document(settings, problem, steps, depth, {"path": str(calibration.path), **calibration_key}, world,
+                           start, loaded)
+
+
+def as_written_block_passes(candidates: int, steps: int, depth: int) -> int:
+    """What SLEB's loop as written costs for the same removals: each step runs every remaining
+    candidate through the whole stack (a baseline for `block_passes`)."""
+    return sum(n * (depth - i - 1) for i, n in enumerate(range(candidates, candidates - steps, -1)))
+
+
+def search_document(settings: SearchSettings, problem: Problem, steps: list, depth: int, calibration: dict[str, Any],
+                    world: int, start: float, loaded: float) -> dict[str, Any]:
+    """search.json: the settings, every step, the final plan (in `layer_plan.json`'s schema) and
+    what the search cost; `start` and `loaded` are when loading began and ended."""
     removed = steps[-1].removed if steps else []
     plan = problem.plan(removed)
-    sleb = sum(n * (depth - i - 1) for i, n in enumerate(range(len(candidates), len(candidates) - len(steps), -1)))
+    like_sleb = settings.unit == SearchUnit.block and settings.beam == 1  # SLEB removes whole blocks, one at a time
     return {
         "schema": SCHEMA, "tool": "lm-eval-layers", "version": __version__, "command": "search",
-        "model": settings.model, "model_type": model.config.model_type, "num_layers": depth,
+        "model": settings.model, "model_type": problem.model_type, "num_layers": depth,
         "method": settings.method, "unit": settings.unit.value, "objective": settings.objective.value,
         "budget": {"remove": settings.remove, "params": settings.params}, "protect": settings.protect,
-        "calibration": {"path": str(calibration.path), "sha256": calibration.sha256, "windows": count,
-                        "tokens": tokens, "seed": settings.seed},
+        "calibration": calibration,
         **({"tasks": settings.task_names, "limit": settings.limit} if settings.objective.on_tasks else {}),
         "minimised": dict(zip(("label", "meaning"), MINIMISED[settings.objective.value])),
         "dtype": settings.dtype.value, "full_objective": problem.per_token(problem.evaluations.score([])),
         "steps": [step_record(problem, s) for s in steps],
         "plan": plan.to_dict(), "description": plan.describe(),
-        "params": problem.kept(removed), "total_params": total,
+        "params": problem.kept(removed), "total_params": problem.total_params,
         "block_passes": problem.block_passes, "processes": world,
         "evaluations": evaluation_counts(problem),
         **({"evolve": {"generations": settings.generations, "offspring": settings.offspring,
                        "survivors": settings.survivors, "screen": settings.screen if problem.screen_engine else None}}
            if settings.method_name == "evolve" else {}),
-        # what SLEB's loop as written costs for the same removals: every candidate runs the whole stack
-        "as_written_block_passes": sleb if settings.unit == SearchUnit.block and settings.beam == 1 else None,
+        "as_written_block_passes": as_written_block_passes(len(problem.candidates), len(steps), depth)
+        if like_sleb else None,
         "load_seconds": loaded - start, "search_seconds": time.perf_counter() - loaded,
     }
 

@@ -102,13 +102,11 @@ def _hint_s_strategy(source: Source, settings: TrainSettings, say: Callable[...,
         say("note: the deepest blocks were dropped (S strategy); to train the new last block too, add --layers -1")
 
 
-def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Source, base: Path, teacher_dir: Path | None,
-                     tokenizer: Any, selection: Selection, fmt: D.RecordFormat, train_set: list, eval_set: list,
-                     reporter: Reporter) -> dict[str, Any] | None:
-    """Load, train, and (main process) write the output; returns the log."""
-    dtype = settings.dtype.torch
+def _trainable_model(settings: TrainSettings, base: Path, selection: Selection) -> tuple[Any, dict[str, Any] | None]:
+    """The plain input loaded with only the selection trainable: LoRA adapters on it (and their
+    settings, for the log) or every other tensor frozen; trained tensors kept in float32."""
     transformers.set_seed(settings.seed)  # LoRA's initialisation draws from it
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=settings.dtype.torch)
     layout = layout_for(model)
     lora = None
     if settings.lora:
@@ -121,8 +119,13 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
     else:
         freeze_all_but(model, layout, selection)
     float32_masters(model)
-    count, total, names = trainable(model)
+    return model, lora
 
+
+def _trainer(settings: TrainSettings, args: Any, model: Any, teacher_dir: Path | None, tokenizer: Any, train_set: list,
+             eval_set: list) -> transformers.Trainer:
+    """transformers' Trainer, or with a teacher the distilling one, without its printed log (the
+    reporter's callbacks say what it would)."""
     kwargs: dict[str, Any] = dict(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
         data_collator=D.Collator(D.pad_id(tokenizer)), callbacks=[OptimizerHoldsSelection(), *settings.callbacks],
@@ -130,11 +133,21 @@ def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Sou
     if teacher_dir is not None:
         from lm_eval_layers.training.distill import DistillTrainer
 
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=settings.dtype.torch)
         trainer = DistillTrainer(**kwargs, teacher=teacher, temperature=settings.temperature, weight=settings.distill_weight)
     else:
         trainer = transformers.Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _train_and_write(settings: TrainSettings, args: Any, work: Work, source: Source, base: Path, teacher_dir: Path | None,
+                     tokenizer: Any, selection: Selection, fmt: D.RecordFormat, train_set: list, eval_set: list,
+                     reporter: Reporter) -> dict[str, Any] | None:
+    """Load, train, and (main process) write the output; returns the log."""
+    model, lora = _trainable_model(settings, base, selection)
+    count, total, names = trainable(model)
+    trainer = _trainer(settings, args, model, teacher_dir, tokenizer, train_set, eval_set)
     main = trainer.is_world_process_zero()
     if main:
         for callback in reporter.callbacks():

@@ -128,6 +128,28 @@ class ILAResult:
     seconds: dict[str, float]
 
 
+def _timed_train(trainer: Trainer) -> float:
+    """Seconds of training alone, so the per-step rates leave out building the trainer."""
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def _result(gates: Gates, norms: list[float], stop: EpsilonStopCallback, first: Trainer, second: GateTrainer,
+            lora_modules: list[str], stage1: float, stage2: float) -> ILAResult:
+    """The learned gates with both stages' curves and timings; stage 2's curve carries, per
+    logged step, the loss parts `GateTrainer` recorded."""
+    logits = gates.logits.detach().float()
+    curve2 = [{**entry, **parts} for entry, parts in zip(loss_curve(second.state.log_history), second.parts)]
+    return ILAResult(
+        units=gates.units, logits=logits.tolist(), gates=torch.sigmoid(logits).tolist(), delta_norms=norms,
+        stop_step=stop.stop_step, stage1_steps=first.state.global_step,
+        stage1_curve=loss_curve(first.state.log_history), stage2_curve=curve2, lora_modules=lora_modules,
+        seconds={"stage1": stage1, "stage2": stage2, "stage1_per_step": stage1 / max(first.state.global_step, 1),
+                 "stage2_per_step": stage2 / max(second.state.global_step, 1)},
+    )
+
+
 @torch.enable_grad()  # also when called from an inference (no-grad) context
 def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, settings: ILASettings,
                 reporter: Reporter = Reporter(), callbacks: Sequence[TrainerCallback] = ()) -> ILAResult:
@@ -165,9 +187,7 @@ def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, se
         stop = EpsilonStopCallback(EpsilonStop(settings.epsilon, settings.patience, settings.window))
         first = trainer(Trainer, args)
         first.add_callback(stop)
-        start = time.perf_counter()
-        first.train()
-        stage1 = time.perf_counter() - start
+        stage1 = _timed_train(first)
 
         for p in peft.parameters():
             p.requires_grad_(False)
@@ -177,17 +197,6 @@ def learn_gates(model: nn.Module, examples: Sequence[D.Example], pad_id: int, se
                      f"(penalty λ={settings.penalty})")
         second = trainer(GateTrainer, dataclasses.replace(args, max_steps=settings.gate_steps, learning_rate=settings.gate_lr),
                          gates=gates, budget=settings.budget, weight=settings.penalty)
-        start = time.perf_counter()
-        second.train()
-        stage2 = time.perf_counter() - start
+        stage2 = _timed_train(second)
 
-    logits = gates.logits.detach().float()
-    curve2 = [{**entry, **parts} for entry, parts in zip(loss_curve(second.state.log_history), second.parts)]
-    return ILAResult(
-        units=gates.units, logits=logits.tolist(), gates=torch.sigmoid(logits).tolist(), delta_norms=norms,
-        stop_step=stop.stop_step, stage1_steps=first.state.global_step,
-        stage1_curve=loss_curve(first.state.log_history), stage2_curve=curve2,
-        lora_modules=sorted(config.target_modules),
-        seconds={"stage1": stage1, "stage2": stage2, "stage1_per_step": stage1 / max(first.state.global_step, 1),
-                 "stage2_per_step": stage2 / max(second.state.global_step, 1)},
-    )
+    return _result(gates, norms, stop, first, second, sorted(config.target_modules), stage1, stage2)
