@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import logging
 import sys
 from typing import Any, Iterator
 
@@ -41,6 +42,8 @@ from lm_eval_layers.task_data import check_sources
 from lm_eval_layers.task_suite import shipped_data_names
 from lm_eval_layers.variant import Variant, apply_plan, clone_model
 
+
+_LOG = logging.getLogger("lm_eval.layered")  # under lm-eval's logger: shown with its own lines, at its level
 
 # `hf` arguments that change where or how fast a model runs, not the numbers it computes; every
 # other argument (dtype, max_length, tokenizer options, peft, …) is part of a variant's identity.
@@ -90,6 +93,8 @@ class LayeredLM(ScoringSeam):
                 raise PlanError(problem)
             if isinstance(pretrained, transformers.PreTrainedModel) and not plan.is_identity:
                 pretrained = clone_model(pretrained)  # the caller's model is left untouched
+            if not plan.is_identity:  # say what is evaluated: a plan file or a scores file names no blocks
+                _LOG.info("layered plan: %s", plan.describe())
             self._settings = _settings(pretrained, kwargs, self.prepared)
             self.pruned_on_load = loads_pruned(pretrained, plan, kwargs, keep_base)
             self.plan: LayerPlan = LayerPlan.identity(plan.num_layers)

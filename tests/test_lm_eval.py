@@ -189,6 +189,7 @@ def test_stock_lm_eval_console_script_applies_the_plan(tiny_llama_dir, local_dat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arc_easy_local" in proc.stdout and "copa_local" in proc.stdout
+    assert "layered plan: 6 -> 6 blocks: " in proc.stderr  # the resolved plan is said, as a plan file names no blocks
     (result_file,) = out.rglob("results_*.json")
     results = json.loads(result_file.read_text())
     assert results["config"]["model"] == "layered"
