@@ -17,7 +17,7 @@ from typing import Any
 
 from lm_eval_layers.cost.settings import BenchSettings
 from lm_eval_layers.outputs import write_json
-from surgery.options import Bars, command, console, user_errors
+from surgery.options import Bars, command, console, results, user_errors
 
 
 def table(document: dict[str, Any]) -> Any:
@@ -48,7 +48,6 @@ def table(document: dict[str, Any]) -> Any:
 def bench(settings: BenchSettings) -> None:
     """What each variant costs: parameters, bytes, predicted FLOPs; measured prompt and generation
     speed, time to first token and peak memory (one process per plan); accuracy with --tasks."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 
     with user_errors():
@@ -64,6 +63,5 @@ def bench(settings: BenchSettings) -> None:
             from lm_eval_layers.cost.plot import draw
 
             draw(document["plans"], settings.plot, f"{Path(settings.model).name}: accuracy against speed")
-    out = Console()
-    (out if out.is_terminal else Console(width=160)).print(table(document))  # 13 columns: wider than a log's 80
+    results.print(table(document))
     console.print(f"written {settings.out}" + (f" and {settings.plot}" if settings.plot else ""))

@@ -25,7 +25,7 @@ import typer
 from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, WriteSettings
 from surgery.bench import bench
 from surgery.ila import app as ila_app
-from surgery.options import Bars, ModelArg, command, console, user_errors
+from surgery.options import Bars, ModelArg, command, console, results, user_errors
 from surgery.score import score
 from surgery.search import search
 from surgery.train import train
@@ -96,24 +96,22 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    out = Console()
     table = Table(title=f"{report['model']} — {report['architecture']} ({report['model_type']})")
     for col in ("block", "parameters", "tensors", "dtypes"):
         table.add_column(col, justify="right" if col != "dtypes" else "left")
     for b in report["blocks"]:
         table.add_row(str(b["index"]), f"{b['parameters']:,}", str(b["tensors"]), ", ".join(b["dtypes"]))
     table.add_row("other", f"{report['other_parameters']:,}", str(report["other_tensors"]), ", ".join(report["other_dtypes"]))
-    out.print(table)
+    results.print(table)
     size = f"{report['bytes'] / 1e6:.1f} MB"
     if "stored_bytes" in report:
         kinds = ", ".join(f"{k} ×{n}" for k, n in report["stored_types"].items())
         size = f"{report['stored_bytes'] / 1e6:.1f} MB stored ({kinds}), {size} dequantised to float32"
-    out.print(f"blocks: {report['num_blocks']}  parameters: {report['parameters']:,}  size: {size}  "
+    results.print(f"blocks: {report['num_blocks']}  parameters: {report['parameters']:,}  size: {size}  "
               f"tied embeddings: {report['tied_embeddings']}")
-    out.print("layer fields in config: " + ", ".join(f"{k}={v}" for k, v in report["layer_config"].items()))
+    results.print("layer fields in config: " + ", ".join(f"{k}={v}" for k, v in report["layer_config"].items()))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from lm_eval_layers.training.ila_settings import ILASettings
-from surgery.options import command, console, quiet_training_logs, user_errors
+from surgery.options import command, console, quiet_training_logs, results, user_errors
 
 
 class _RunByDefault(TyperGroup):
@@ -34,7 +34,6 @@ app = typer.Typer(cls=_RunByDefault, no_args_is_help=True, add_completion=False,
 @command(ILASettings)
 def rank_units(settings: ILASettings) -> None:
     """Rank the weight matrices (or blocks) a fine-tune on DATA needs: LoRA, then gates σ(s) on its updates."""
-    from rich.console import Console
 
     quiet_training_logs()
     with user_errors():
@@ -44,7 +43,7 @@ def rank_units(settings: ILASettings) -> None:
         from surgery.training_bar import console_reporter
 
         document = write_ila_json(settings, console_reporter(console))
-    Console().print(ila_report.table(document))
+    results.print(ila_report.table(document))
     console.print(f"wrote {settings.out}" + (f" and {settings.plot}" if settings.plot else ""))
 
 
@@ -54,7 +53,6 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="also write the comparison as JSON"),
 ) -> None:
     """Overlap of ILA rankings (Jaccard, chance beside it); per-block totals vs `surgery score` values."""
-    from rich.console import Console
 
     from lm_eval_layers.outputs import write_json
     from lm_eval_layers.training.ila_compare import compare_files, tables
@@ -63,8 +61,7 @@ def compare(
         comparison = compare_files(files)
         if out is not None:
             write_json(out, comparison)
-    stdout = Console()
     for table in tables(comparison):
-        stdout.print(table)
+        results.print(table)
     if out is not None:
         console.print(f"wrote {out}")

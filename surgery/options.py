@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shlex
+import sys
 import threading
 import time
 import typing
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import typer
@@ -20,7 +23,17 @@ from rich.progress import Progress, TaskID
 from lm_eval_layers.errors import LayersError
 from lm_eval_layers.settings import MODEL_HELP
 
-console = Console(stderr=True)  # progress and messages; results go to stdout
+
+
+def _console(stderr: bool) -> Console:
+    """rich wraps at 80 columns when output is not a terminal (a log file, a pipe, CI): there,
+    lines and tables keep their own width, so a row stays one line."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=240, soft_wrap=True)
+
+
+console = _console(stderr=True)  # progress and messages
+results = _console(stderr=False)  # tables and results, on stdout
 S = TypeVar("S")
 
 
@@ -59,17 +72,28 @@ def command(settings: type[S]) -> Callable[[Callable[[S], None]], Callable[..., 
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(kept: Path | None = None) -> Iterator[None]:
     """The one place a user's mistake (a `LayersError`) becomes one `error:` line on stderr and
-    exit code 2, with no traceback; anything else is a bug and keeps its traceback."""
+    exit code 2, with no traceback; anything else is a bug and keeps its traceback. On Ctrl-C:
+    what was kept (`kept`, a store of finished work, when it exists) and the command that resumes."""
     try:
         yield
     except LayersError as e:
         typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: no output was written", err=True)
+        if kept is not None and kept.exists():
+            typer.echo(f"interrupted: no output was written; the finished evaluations are kept in {kept}; "
+                       f"continue with: {resume_command()}", err=True)
+        else:
+            typer.echo("interrupted: no output was written", err=True)
         raise typer.Exit(130) from None
+
+
+def resume_command() -> str:
+    """This command line with --resume (and without --force, which would discard what was kept)."""
+    args = [a for a in sys.argv[1:] if a != "--force"]
+    return shlex.join(["surgery", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 class Bars(Progress):

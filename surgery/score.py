@@ -13,18 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TimeElapsedColumn
 from rich.table import Table
 
 from lm_eval_layers.importance.settings import ScoreSettings
-from surgery.options import Bars, command, console, user_errors
+from surgery.options import Bars, command, console, results, user_errors
 
 
 @command(ScoreSettings)
 def score(settings: ScoreSettings) -> None:
     """Layer importance: Shapley values with confidence intervals, ablation, angular distance, block influence."""
-    with user_errors():
+    with user_errors(kept=None if settings.method.is_similarity else settings.store_path):
         from lm_eval_layers import distributed
         from lm_eval_layers.importance import session
         from lm_eval_layers.outputs import write_json
@@ -46,7 +45,7 @@ def score(settings: ScoreSettings) -> None:
         write_json(settings.out, result)
         if settings.plot:
             draw(result, settings.plot)
-    Console().print(table(result))
+    results.print(table(result))
     console.print(f"{summary(result)}; written {settings.out}" + (f" and {settings.plot}" if settings.plot else ""))
 
 
@@ -115,7 +114,8 @@ def summary(result: dict[str, Any]) -> str:
                 f"{calibration['path']}")
     eff = result["efficiency"]
     return (f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
-            f"{result['evaluations']} coalitions")
+            f"{result['evaluations']} coalitions" + (f", {result['reused']} of them read back from the store (--resume)"
+                                                      if result.get("reused") else ""))
 
 
 def draw(result: dict[str, Any], path: Path) -> None:

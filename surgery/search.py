@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_layers.search.settings import SearchSettings
-from surgery.options import Bars, command, console, quiet_training_logs, user_errors
+from surgery.options import Bars, command, console, quiet_training_logs, results, user_errors
 
 
 @command(SearchSettings)
 def search(settings: SearchSettings) -> None:
     """Choose what to cut: greedy (SLEB), beam, evolve (EvoPress), rankings or the deepest units, to --remove K units or keep --params P%."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 
     from lm_eval_layers.outputs import write_json
     from lm_eval_layers.search.driver import find_plan
 
     quiet_training_logs()  # our bar, not transformers' loading bars
-    with user_errors():
+    with user_errors(kept=settings.store_path):
         with Bars("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bars:
             bar = bars.add_task("loading the model", total=None)
             doc = find_plan(settings, lambda what, done, total: bars.update(bar, description=what, completed=done, total=total))
@@ -30,7 +29,7 @@ def search(settings: SearchSettings) -> None:
         write_json(settings.out, doc)
         if settings.plot:
             draw(doc, settings.plot)
-    Console().print(table(doc))
+    results.print(table(doc))
     console.print(f"{doc['description']}; {doc['params']:,} of {doc['total_params']:,} parameters kept; "
                   f"{doc['block_passes']:.0f} block passes in {doc['search_seconds']:.1f} s; "
                   f"{doc['evaluations']['computed']} candidates evaluated, {doc['evaluations']['stored']} read back from "

@@ -109,14 +109,14 @@ def test_exact_shapley_on_a_real_model_equals_the_definition(tiny4, tmp_path, lo
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path, local_data):
+def test_interrupted_run_says_how_to_resume_and_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path, local_data):
     env = {**os.environ, "LM_EVAL_LAYERS_DATA": str(DATA)}
     args = ["--method", "shapley", "--estimator", "permutation", "--budget", "24", "--seed", "3"]
     full = tmp_path / "full.json"
     subprocess.run([SURGERY, *score_args(tiny_llama_dir, full, *args)], env=env, check=True, capture_output=True)
     part = tmp_path / "part.json"
     proc = subprocess.Popen([SURGERY, *score_args(tiny_llama_dir, part, *args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     store = part.with_suffix(".sqlite")
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -128,12 +128,15 @@ def test_killed_run_resumes_to_the_uninterrupted_values(tiny_llama_dir, tmp_path
             except sqlite3.OperationalError:
                 pass
         time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not part.exists()  # killed before the end
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: says what it kept and the command that resumes
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and not part.exists(), err[-2000:]  # interrupted before the end
+    assert f"kept in {store}" in err and "continue with: surgery score" in err and err.rstrip().endswith("--resume")
     again = subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args)], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # refuses to mix runs silently
-    subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args, "--resume")], env=env, check=True, capture_output=True)
+    resumed = subprocess.run([SURGERY, *score_args(tiny_llama_dir, part, *args, "--resume")], env=env, check=True,
+                             capture_output=True, text=True)
+    assert "read back from the store" in resumed.stdout + resumed.stderr  # a resumed run says what it reused
     a, b = json.loads(full.read_text()), json.loads(part.read_text())
     assert b["reused"] >= 6 and b["new_evaluations"] < a["new_evaluations"]
     # Separate processes: equal up to float rounding (same batches and threads, but not promised bit-equal).
