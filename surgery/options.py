@@ -51,7 +51,7 @@ def command(settings: type[S]) -> Callable[[Callable[[S], None]], Callable[..., 
                 continue
             default = ... if f.default is dataclasses.MISSING else f.default
             if meta.get("argument"):
-                info = typer.Argument(default, help=meta["help"], show_default=default is not ...)
+                info = typer.Argument(default, help=meta["help"], show_default=default is not ..., metavar=f.name.upper())
             else:
                 info = typer.Option(default, meta["flag"], help=meta["help"])
             params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info,

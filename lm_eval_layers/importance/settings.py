@@ -136,7 +136,7 @@ class ScoreSettings:
     resume: bool = option(False, "--resume", "reuse the evaluations stored next to --out")
     force: bool = option(False, "--force", f"replace an existing --out; also allows --method exact above {EXACT_LIMIT} units")
     dtype: DType = option(DType.float32, "--dtype")
-    batch_size: int = option(32, "--batch-size")
+    batch_size: int = option(32, "--batch-size", "lm-eval requests per forward pass (as lm_eval --batch_size)")
     calibration: Path | None = calibration_option("text file for angular / bi (default: the local WikiText-2 test text)")
 
     def __post_init__(self) -> None:

@@ -43,7 +43,7 @@ class ILASettings:
     gate_init: float = 3.0  # s at the start of stage 2: σ(3) ≈ 0.95, every update nearly on (no flag)
     budget: float = option(0.25, "--budget", "share of units the penalty lets stay open")
     penalty: float = option(1.0, "--penalty", "λ in λ·N·max(0, mean σ(s) − budget)²")
-    batch_size: int = option(8, "--batch-size")
+    batch_size: int = option(8, "--batch-size", "examples per optimizer step (as surgery train)")
     max_length: int = option(256, "--max-length", "truncate examples to this many tokens")
     seed: int = option(0, "--seed")
     # as in `surgery train`: the loaded model's and autocast's dtype, trained tensors in float32;

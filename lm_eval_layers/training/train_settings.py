@@ -44,7 +44,7 @@ class TrainSettings:
     distill_weight: float = option(1.0, "--distill-weight", "share of the KL term; 1 - share is the LM loss")
     max_length: int = option(512, "--max-length", "truncate examples to this many tokens")
     max_steps: int | None = option(None, "--max-steps", "optimizer steps (exclusive with --epochs; default 1 epoch)")
-    epochs: float | None = option(None, "--epochs")
+    epochs: float | None = option(None, "--epochs", "passes over the training data, fractions allowed (exclusive with --max-steps)")
     lr: float | None = option(None, "--lr", "learning rate (default 2e-4 with LoRA, 1e-4 for full weights)")
     batch_size: int = option(8, "--batch-size", "examples per process and step")
     grad_accum: int = option(1, "--grad-accum", "gradient accumulation steps")
