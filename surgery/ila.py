@@ -44,6 +44,8 @@ def rank_units(settings: ILASettings) -> None:
 
         document = write_ila_json(settings, console_reporter(console))
     results.print(ila_report.table(document))
+    for warning in document["warnings"]:
+        console.print(f"warning: {warning}", highlight=False)
     console.print(f"wrote {settings.out}" + (f" and {settings.plot}" if settings.plot else ""))
 
 

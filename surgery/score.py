@@ -98,7 +98,7 @@ def table(result: dict[str, Any]) -> Table:
     t = Table(title=f"{result['method']}{estimator} of {result['model']}{metric}")
     units = sorted(result["units"], key=lambda u: u["rank"])
     extra = [(name, field) for name, field in (("± coalitions", "stderr"), ("± examples", "sample_stderr"))
-             if any(u.get(field) is not None for u in units)]
+             if any(u.get(field) for u in units)]  # ablation's coalition error is 0: no column of zeros
     for col in ("rank", "unit", "value", *(name for name, _ in extra)):
         t.add_column(col, justify="right")
     for u in units:
@@ -113,9 +113,11 @@ def summary(result: dict[str, Any]) -> str:
         return (f"{result['method']} on {calibration['windows']} windows of {calibration['tokens']} tokens of "
                 f"{calibration['path']}")
     eff = result["efficiency"]
+    reused = f", {result['reused']} of them read back from the store (--resume)" if result.get("reused") else ""
+    if result["method"] not in ("shapley", "exact"):  # efficiency (Σφ = v(N) − v(∅)) is a property of Shapley values only
+        return f"{result['evaluations']} coalitions{reused}"
     return (f"Σφ = {eff['sum_phi']:.4f}, v(N) − v(∅) = {eff['v_full_minus_v_empty']:.4f}; "
-            f"{result['evaluations']} coalitions" + (f", {result['reused']} of them read back from the store (--resume)"
-                                                      if result.get("reused") else ""))
+            f"{result['evaluations']} coalitions{reused}")
 
 
 def draw(result: dict[str, Any], path: Path) -> None:

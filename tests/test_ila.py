@@ -388,3 +388,16 @@ def test_cli_runs_and_bad_inputs_write_nothing(tiny_llama_dir, qa_data, tmp_path
         assert sorted(p.name for p in tmp_path.iterdir()) == before
     proc = surgery("ila", str(tiny_llama_dir), "--data", str(qa_data), "--out", "ila.json", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --out") and "exists" in proc.stderr
+
+
+def test_tied_gates_are_said_not_ranked_silently():
+    """53 gates at one σ (a stage 2 that separated nothing) and a tie at a top-K boundary are
+    warnings in ila.json and on the console; a clear ranking has none."""
+    from lm_eval_layers.training.ila_report import tie_warnings
+
+    assert tie_warnings([0.917] * 53) == [
+        "all 53 gates are tied (σ ≈ 0.917): the ranking is arbitrary; raise --gate-steps or --gate-lr, or lower --budget"]
+    clear = [0.9 - 0.05 * i for i in range(10)]
+    assert tie_warnings(clear) == []
+    boundary = clear[:2] + [clear[2]] * 2 + clear[4:]  # ranks 3 and 4 tied; the top 25% of 10 is 3 units
+    assert tie_warnings(boundary) == ["the top 25% ends in a tie (ranks 3 and 4: σ ≈ 0.800): which units it holds is arbitrary"]

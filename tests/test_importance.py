@@ -445,3 +445,23 @@ def test_a_store_beside_an_out_in_a_new_folder_creates_the_folder(tmp_path):
     store = Store(tmp_path / "new" / "dir" / "scores.sqlite", {"test": 1})
     store.put("0101", {"task": {"acc": [1.0]}})
     assert (tmp_path / "new" / "dir" / "scores.sqlite").is_file() and len(store) == 1
+
+
+def test_the_ablation_table_shows_only_what_ablation_has():
+    """Leave-one-out values have no coalition-sampling error (0 for every unit) and no efficiency
+    property: neither a column of zeros nor a Σφ line is shown; Shapley keeps both."""
+    from surgery.score import summary, table
+
+    units = [{"name": str(i), "index": i, "value": 0.1 * i, "rank": 3 - i, "stderr": 0.0, "sample_stderr": 0.01}
+             for i in range(3)]
+    result = {"method": "ablation", "estimator": None, "metric": "acc", "model": "m", "units": units, "evaluations": 4,
+              "efficiency": {"sum_phi": 0.3, "v_full_minus_v_empty": 0.5}}
+
+    def columns(doc: dict) -> list[str]:
+        return [str(c.header) for c in table(doc).columns]
+
+    assert columns(result) == ["rank", "unit", "value", "± examples"]
+    assert "Σφ" not in summary(result) and summary(result).startswith("4 coalitions")
+    shapley = {**result, "method": "shapley", "units": [{**u, "stderr": 0.02} for u in units]}
+    assert columns(shapley) == ["rank", "unit", "value", "± coalitions", "± examples"]
+    assert "Σφ = 0.3000" in summary(shapley)

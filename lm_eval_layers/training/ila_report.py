@@ -42,7 +42,27 @@ def build(result: ILAResult, settings: ILASettings, *, model: str, model_type: s
         "top": {share_label(p): [names[i] for i in order[:top_k(p, len(names))]] for p in TOP_SHARES},
         "blocks": [{"block": b, "total": sum(result.gates[i] for i in idx), "units": len(idx)} for b, idx in sorted(blocks.items())],
         "timing": result.seconds,
+        "warnings": tie_warnings(result.gates),
     }
+
+
+TIE = 1e-3  # gates closer than this are not told apart by 60 steps of stage 2
+
+
+def tie_warnings(gates: list[float]) -> list[str]:
+    """What the ranking cannot say: all gates tied (stage 2 did not separate them), or a tie at a
+    top-K boundary (which units fall inside it is arbitrary)."""
+    ordered = sorted(gates, reverse=True)
+    if ordered[0] - ordered[-1] < TIE:
+        return [f"all {len(gates)} gates are tied (σ ≈ {ordered[0]:.3f}): the ranking is arbitrary; "
+                "raise --gate-steps or --gate-lr, or lower --budget"]
+    out = []
+    for share in TOP_SHARES:
+        k = top_k(share, len(gates))
+        if k < len(gates) and ordered[k - 1] - ordered[k] < TIE:
+            out.append(f"the top {share_label(share)} ends in a tie (ranks {k} and {k + 1}: σ ≈ {ordered[k]:.3f}): "
+                       "which units it holds is arbitrary")
+    return out
 
 
 def table(document: dict[str, Any], rows: int | None = None) -> Table:
