@@ -137,11 +137,11 @@ def draw(result: dict[str, Any], path: Path) -> None:
     if result.get("chance") is not None and result.get("v_full") is not None:
         loss = result["v_full"] - result["chance"]
         ax.axhline(loss, ls="--", color="#cc3311", lw=1, label=f"v(N) − chance = {loss:.3f}")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # beside the axes: covers no bar
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, [u["name"].removeprefix("block ") for u in units], rotation=90, fontsize=7)
     ax.set_ylabel(f"{result['method']} value ({result.get('metric') or 'distance'}), 95% CI")
     ax.set_title(f"{result['model']}: {result['method']} per {result['unit']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend outside the axes included
     plt.close(fig)

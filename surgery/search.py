@@ -75,6 +75,9 @@ def draw(doc: dict[str, Any], path: Path) -> None:
         for x, y, s in zip(xs[1:], ys[1:], doc["steps"]):
             ax.annotate(str(s["removed"][-1]), (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         ax.set_xlabel(f"{doc['unit']} units removed")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # units and generations are counts
     ax.set_ylabel(doc["minimised"]["label"])
     ax.set_title(f"{doc['model']}: {doc['method']} search", fontsize=10)
     fig.tight_layout()

@@ -30,7 +30,7 @@ def plot(folder: Path, log: dict[str, Any]) -> None:
     for key, step, marker in (("eval_loss_before", 0, "o"), ("eval_loss", log["steps"], "s")):
         if log.get(key) is not None:
             ax.scatter([step], [log[key]], marker=marker, color="C1", zorder=3,
-                       label="held-out loss" if key == "eval_loss" else None)
+                       label="held-out loss, after" if key == "eval_loss" else "held-out loss, before")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title(f"{log['model']}: {log['selection']} ({log['method']})", fontsize=9)
