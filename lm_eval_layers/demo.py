@@ -48,15 +48,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     console = Console()
+    if not console.is_terminal:  # a log keeps each line and table row on one line (rich would wrap at 80)
+        console = Console(width=240, soft_wrap=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = os.environ.get(ENV) or "the Hugging Face hub"
     console.print(f"[bold]SmolLM2-135M-Instruct[/] (GGUF Q4_1, {args.dtype}, {device}); {args.task}, "
                   f"first {args.limit} documents, data from {source}")
 
+    console.print("loading the model…", highlight=False)
     with console.status("loading the model…"):
         lm = LayeredLM(pretrained="smollm2", dtype=args.dtype, device=device, batch_size=args.batch_size)
     loaded = time.perf_counter()
     plans = [(name, PlanSpec.from_args(**kw)) for name, kw in VARIANTS]
+    console.print(f"model loaded in {loaded - start:.0f} s; preparing requests and running the full model once…",
+                  highlight=False)
     with console.status("preparing requests and running the full model once…"):
         evaluator = Evaluator(lm, [args.task], limit=args.limit)
     prepared = time.perf_counter()
@@ -67,8 +72,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"(its hidden states are what every variant reuses) in {prepared - loaded:.0f} s")
     if evaluator.fallback:
         console.print(f"lm-eval's own loop for every variant: {evaluator.fallback}")
-    with console.status("evaluating variants…"):
-        results = evaluator.evaluate_all(plans)
+    results = []
+    for k, (name, plan) in enumerate(plans, 1):  # a line per variant, on a terminal and in a log
+        with console.status(f"variant {k}/{len(plans)}: {name}…"):
+            results.append(evaluator.evaluate(plan, name))
+        acc = results[-1].metrics[args.task].get("acc", float("nan"))
+        console.print(f"variant {k}/{len(plans)}: {name}: acc {acc:.3f} ({results[-1].seconds:.1f} s)", highlight=False)
 
     table = Table(title=f"{args.task}, {args.limit} documents (chance 0.25)",
                   caption="seconds: this variant's own work, after the set-up above")

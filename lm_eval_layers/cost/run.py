@@ -112,17 +112,21 @@ def accuracy_metrics(manager: Any, names: list[str]) -> dict[str, tuple[str, str
 
 
 def _accuracy(settings: BenchSettings, plans: list[LayerPlan], manager: Any,
-              metrics: dict[str, tuple[str, str]]) -> list[dict[str, float]]:
+              metrics: dict[str, tuple[str, str]], progress: Progress) -> list[dict[str, float]]:
     """Each plan's accuracy per task: the metric `accuracy_metrics` chose (prepared requests
     report bare metric names, lm-eval's loop filtered ones)."""
     from lm_eval_layers.evaluate import Evaluator
     from lm_eval_layers.model import LayeredLM
 
+    steps = len(plans) + 2
+    progress("accuracy: loading the model", 0, steps)
     lm = LayeredLM(pretrained=settings.model, dtype=settings.dtype.value, device=settings.device.value,
                    batch_size=settings.eval_batch_size)
+    progress("accuracy: preparing the requests (the full model runs once)", 1, steps)
     evaluator = Evaluator(lm, settings.task_names, manager=manager, limit=settings.limit)
     out = []
-    for plan in plans:
+    for k, plan in enumerate(plans):
+        progress(f"accuracy: {plan.describe()}", 2 + k, steps)
         reported = evaluator.evaluate(plan).metrics
         row = {}
         for task, (metric, key) in metrics.items():
@@ -163,8 +167,7 @@ def bench(settings: BenchSettings, progress: Progress = lambda what, done, total
         results = _measure([job for *_, job in rows_in], names, settings.repeats, progress)
     by_plan: list[dict[str, float] | None] = [None] * len(plans)
     if settings.task_names:
-        progress("accuracy", 0, 1)
-        by_plan = list(_accuracy(settings, [plan for _, plan in plans], manager, metrics))
+        by_plan = list(_accuracy(settings, [plan for _, plan in plans], manager, metrics, progress))
     measured = []
     for (k, kind, _), (ready, samples, peak) in zip(rows_in, results):
         label, plan = plans[k]
