@@ -38,10 +38,10 @@ def calibration_option(help: str = "text file (default: the local WikiText-2 tes
     return option(None, "--calibration", help)
 
 
-def tokens_option(default: str) -> Any:
+def tokens_option(default: str, purpose: str = "") -> Any:
     """The `--tokens WINDOWSxTOKENS` field; each command picks its default (how many tokens it
     needs differs: a search ranks candidates, a fitted map has d² parameters)."""
-    return option(default, "--tokens", "calibration windows × tokens per window, e.g. 32x256")
+    return option(default, "--tokens", "calibration windows × tokens per window, e.g. 32x256" + (f" ({purpose})" if purpose else ""))
 
 
 def seed_option() -> Any:
@@ -64,6 +64,8 @@ def calibration_file(path: Path | None) -> Path:
     if path is not None:
         if not path.is_file():
             raise UsageError(f"--calibration {path} does not exist; give a text file")
+        if not path.read_bytes().strip():
+            raise UsageError(f"--calibration {path} is empty; give a text file (a few thousand words at least)")
         return path
     root = os.environ.get(ENV)
     raw = Path(root) / WIKITEXT if root else None
@@ -89,7 +91,7 @@ def calibration_windows(tokenizer: Any, text: str, count: int, tokens: int, seed
         count = min(count, available)
     if available < count or available == 0:
         raise UsageError(f"the calibration text has {len(ids):,} tokens, fewer than {count} windows × {tokens} tokens; "
-                         "give a longer text or fewer/shorter windows")
+                         "give a longer text (--calibration) or fewer/shorter windows (--tokens)")
     if seed == 0:
         starts = torch.arange(count)
     else:

@@ -229,6 +229,9 @@ def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
         assert "± coalitions" not in shown and "± examples" not in shown
         assert "None" not in shown and "nan" not in shown and "v(N)" not in shown
         assert f"{method} on 16 windows of 128 tokens of {wikitext.resolve()}" in " ".join(result.stderr.split())
+    fewer = CliRunner().invoke(app, ["score", str(tiny_llama_dir), "--method", "bi", "--tokens", "4x32", "--out", str(tmp_path / "few.json")])
+    assert fewer.exit_code == 0 and json.loads((tmp_path / "few.json").read_text())["calibration"]["windows"] == 4
+    assert json.loads((tmp_path / "few.json").read_text())["calibration"]["tokens"] == 32
     # Cross-check block 0's influence from output_hidden_states (its input and output).
     model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     tok = T.AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -242,8 +245,10 @@ def test_angular_and_block_influence(tiny_llama_dir, tmp_path, local_data):
     assert sims["bi"][0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_score_refuses_bad_options_before_loading(tmp_path):
+def test_score_refuses_bad_options_before_loading(tmp_path, tmp_path_factory):
     runner = CliRunner()
+    empty = tmp_path_factory.mktemp("text") / "empty.txt"
+    empty.write_text("\n  \n")
     for args, message in [
         (["--method", "magic"], "--method': Value error, 'magic' is not one of 'shapley'"),
         (["--unit", "head"], "--unit': Value error, 'head' is not one of 'block', 'halves', 'attn', 'mlp'"),
@@ -258,6 +263,9 @@ def test_score_refuses_bad_options_before_loading(tmp_path):
         (["--tasks", ","], "error: --tasks is empty"),
         (["--tasks", "arc_easy_locl"], "error: task 'arc_easy_locl' is not known to lm-eval or to the shipped tasks; did you mean arc_easy_local"),
         (["--include-path", str(tmp_path / "none")], "error: task folder"),
+        (["--method", "bi", "--calibration", str(empty)], f"error: --calibration {empty} is empty"),
+        (["--tokens", "4x32"], "error: --tokens sets the calibration windows of --method angular or bi"),
+        (["--method", "bi", "--tokens", "4"], "error: --tokens '4': write WINDOWSxTOKENS"),
     ]:
         result = runner.invoke(app, ["score", "does-not-matter", "--out", str(tmp_path / "s.json"), *args])
         text = " ".join(result.stderr.replace("│", " ").split())  # Typer boxes its usage errors

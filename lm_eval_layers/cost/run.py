@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lm_eval_layers.arch import check_plan, num_layers
-from lm_eval_layers.checkpoint.sources import GGUFFile, Source, open_model
+from lm_eval_layers.checkpoint.sources import GGUFFile, Source, header_depth, open_model
 from lm_eval_layers.cost.count import size
 from lm_eval_layers.cost.bench_rows import SPEEDS, Measured, rows
 from lm_eval_layers.cost.settings import FULL, BenchSettings
@@ -148,6 +148,10 @@ def bench(settings: BenchSettings, progress: Progress = lambda what, done, total
 
         manager = task_manager(settings.include_path)
         metrics = accuracy_metrics(manager, settings.task_names)
+    depth = header_depth(settings.model)
+    if depth is not None:  # plans out of range, before the seconds opening a GGUF takes
+        for _, spec in settings.specs():
+            spec.resolve(depth)
     source = open_model(settings.model)
     plans = resolve(settings, source)
     folder, gguf = (str(source.path.parent), source.path.name) if isinstance(source, GGUFFile) else (str(source.folder), None)

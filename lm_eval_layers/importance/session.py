@@ -98,14 +98,15 @@ def _header(lm: Any, settings: ScoreSettings) -> dict[str, Any]:
 
 
 def _by_similarity(lm: Any, settings: ScoreSettings, progress: Progress) -> dict[str, Any]:
-    from lm_eval_layers.calibration import read_calibration
+    from lm_eval_layers.calibration import parse_shape, read_calibration
     from lm_eval_layers.importance.scoring import similarity_report
     from lm_eval_layers.similarity import block_similarity, calibration_batches
 
     method = settings.method
     text = read_calibration(settings.calibration)
     progress.stage(f"{method.value} on {text.path.name}")
-    batches = calibration_batches(lm.tokenizer, text.text)
+    count, size = parse_shape(settings.tokens)
+    batches = calibration_batches(lm.tokenizer, text.text, tokens=size, count=count)
     sims = block_similarity(lm.model, batches, settings.position.value)
     calibration = {"path": str(text.path), "sha256": text.sha256, "windows": sum(len(b) for b in batches),
                    "tokens": int(batches[0].shape[1])}

@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from lm_eval_layers.calibration import calibration_option
+from lm_eval_layers.calibration import calibration_option, parse_shape, tokens_option
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.importance import shapiq_adapter
 from lm_eval_layers.plan import unit_name
@@ -21,6 +21,12 @@ from lm_eval_layers.settings import MODEL_HELP, argument, option
 from lm_eval_layers.task_suite import include_path_option, limit_option, task_names, tasks_option
 
 EXACT_LIMIT = 16  # units above which --method exact needs --force (2^16 evaluations)
+
+
+# Angular distance and block influence are means over tokens, cheap to estimate: score keeps the
+# 16x128 it always used (not re-measured against larger samples; --tokens takes more). Search
+# ranks removals (32x256) and repair fits d² parameters (128x256), so they default to more.
+SIMILARITY_TOKENS = "16x128"
 
 
 class Method(str, Enum):
@@ -138,6 +144,7 @@ class ScoreSettings:
     dtype: DType = option(DType.float32, "--dtype")
     batch_size: int = option(32, "--batch-size", "lm-eval requests per forward pass (as lm_eval --batch_size)")
     calibration: Path | None = calibration_option("text file for angular / bi (default: the local WikiText-2 test text)")
+    tokens: str = tokens_option(SIMILARITY_TOKENS, "for angular / bi; up to this many windows, as many as the text holds")
 
     def __post_init__(self) -> None:
         from lm_eval_layers.calibration import calibration_file
@@ -162,6 +169,9 @@ class ScoreSettings:
             if self.players != Unit.block:
                 raise UsageError(f"--method {self.method.value} scores blocks; use --unit block")
             calibration_file(self.calibration)
+        parse_shape(self.tokens)
+        if not self.method.is_similarity and self.tokens != SIMILARITY_TOKENS:
+            raise UsageError("--tokens sets the calibration windows of --method angular or bi; leave it out for task methods")
 
     @property
     def players(self) -> Unit:
