@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from lm_eval_layers.checkpoint.settings import ExpandSettings, PruneSettings, WriteSettings
+from lm_eval_layers.errors import UsageError
 
 if TYPE_CHECKING:
+    from lm_eval_layers.checkpoint.gguf_out import WrittenGGUF
     from lm_eval_layers.checkpoint.writer import Written
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, done, total or None while unknown)
@@ -24,7 +26,7 @@ Progress = Callable[[str, int, "int | None"], None]  # (what, done, total or Non
 class WriteResult:
     """What a prune or expand wrote, and the repair it fitted (if any)."""
 
-    written: Written
+    written: Written | WrittenGGUF
     repair: list[dict] = field(default_factory=list)  # one entry per repaired run (`Fit.report`)
     repair_cached: bool = False  # the fit was read back from the on-disk cache
 
@@ -38,6 +40,8 @@ def write_plan(command: str, settings: WriteSettings, progress: Progress = lambd
     from lm_eval_layers.outputs import check_folder
 
     spec = settings.spec()
+    if Path(settings.out).suffix == ".gguf":
+        return _write_gguf(command, settings, spec, progress)
     model_dir = Path(settings.model).expanduser()
     check_folder(settings.out, settings.force, inside=model_dir if model_dir.is_dir() else None)
     depth = header_depth(settings.model)
@@ -58,6 +62,27 @@ def write_plan(command: str, settings: WriteSettings, progress: Progress = lambd
                             force=settings.force, verify=settings.verify, repair=fit,
                             progress=lambda done, total: progress(label, done, total))
     return WriteResult(written, list(fit.report) if fit else [], bool(fit and fit.cached))
+
+
+def _write_gguf(command: str, settings: WriteSettings, spec: Any, progress: Progress) -> WriteResult:
+    """GGUF in → GGUF out (`checkpoint.gguf_out`): the output format follows --out's suffix."""
+    from lm_eval_layers.checkpoint.gguf_out import write_gguf
+    from lm_eval_layers.checkpoint.sources import gguf_path, header_depth
+    from lm_eval_layers.outputs import check_file
+
+    source = gguf_path(settings.model)
+    if source is None:
+        raise UsageError(f"--out {settings.out} is a GGUF file but {settings.model} is not: converting safetensors to GGUF "
+                         "is llama.cpp's converter's job (convert_hf_to_gguf.py); give a .gguf input or a folder --out")
+    if settings.dtype is not None or settings.verify or (getattr(settings, "repair", None) is not None):
+        raise UsageError("--dtype, --verify and --repair are for safetensors output; GGUF output keeps the file's quantisation")
+    out = check_file(Path(settings.out).expanduser(), settings.force)
+    if not out.parent.is_dir():
+        out.parent.mkdir(parents=True)
+    plan = spec.resolve(header_depth(str(source)))
+    label = f"writing {plan.describe()}"
+    written = write_gguf(source, plan, out, force=settings.force, progress=lambda done, total: progress(label, done, total))
+    return WriteResult(written)
 
 
 def prune(settings: PruneSettings, progress: Progress = lambda what, done, total: None) -> WriteResult:

@@ -206,17 +206,23 @@ def open_model(model: str) -> Source:
     return SafetensorsFolder(_download(model), name=model)
 
 
+def gguf_path(model: str) -> Path | None:
+    """The GGUF file MODEL names (the alias included), or None for other inputs."""
+    if model.lower() == ALIAS:
+        try:
+            return smollm2_gguf()
+        except FileNotFoundError:
+            return None
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def header_depth(model: str) -> int | None:
     """The block count of a GGUF model read from its metadata alone (a fraction of a second, where
     opening it through transformers takes seconds), so a plan out of range is refused first;
     None for other inputs, whose config is cheap to read anyway."""
-    path = Path(model).expanduser()
-    if model.lower() == ALIAS:
-        try:
-            path = smollm2_gguf()
-        except FileNotFoundError:
-            return None
-    if path.suffix != ".gguf" or not path.is_file():
+    path = gguf_path(model)
+    if path is None:
         return None
     from gguf import GGUFReader
 
