@@ -39,3 +39,14 @@ def resolve_alias(pretrained: object, gguf_file: str | None) -> tuple[object, st
         path = Path(pretrained)
         return str(path.parent), path.name
     return pretrained, gguf_file
+
+
+def gguf_path(model: str) -> Path | None:
+    """The GGUF file MODEL names (the alias included), or None for other inputs."""
+    if model.lower() == ALIAS:
+        try:
+            return smollm2_gguf()
+        except FileNotFoundError:
+            return None
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None

@@ -34,14 +34,14 @@ class WriteResult:
 def write_plan(command: str, settings: WriteSettings, progress: Progress = lambda what, done, total: None) -> WriteResult:
     """Check every argument that needs no weights (the plan's syntax, the output folder, the plan
     against the model's depth), fit a repair if the plan has one, then stream the variant to disk."""
+    spec = settings.spec()
+    if Path(settings.out).suffix == ".gguf":
+        return _write_gguf(command, settings, spec, progress)  # no torch: bytes are copied
     from lm_eval_layers.arch import num_layers
     from lm_eval_layers.checkpoint.sources import header_depth, open_model
     from lm_eval_layers.checkpoint.writer import write_variant
     from lm_eval_layers.outputs import check_folder
 
-    spec = settings.spec()
-    if Path(settings.out).suffix == ".gguf":
-        return _write_gguf(command, settings, spec, progress)
     model_dir = Path(settings.model).expanduser()
     check_folder(settings.out, settings.force, inside=model_dir if model_dir.is_dir() else None)
     depth = header_depth(settings.model)
@@ -67,7 +67,7 @@ def write_plan(command: str, settings: WriteSettings, progress: Progress = lambd
 def _write_gguf(command: str, settings: WriteSettings, spec: Any, progress: Progress) -> WriteResult:
     """GGUF in → GGUF out (`checkpoint.gguf_out`): the output format follows --out's suffix."""
     from lm_eval_layers.checkpoint.gguf_out import write_gguf
-    from lm_eval_layers.checkpoint.sources import gguf_path, header_depth
+    from lm_eval_layers.default_model import gguf_path
     from lm_eval_layers.outputs import check_file
 
     source = gguf_path(settings.model)
@@ -79,9 +79,7 @@ def _write_gguf(command: str, settings: WriteSettings, spec: Any, progress: Prog
     out = check_file(Path(settings.out).expanduser(), settings.force)
     if not out.parent.is_dir():
         out.parent.mkdir(parents=True)
-    plan = spec.resolve(header_depth(str(source)))
-    label = f"writing {plan.describe()}"
-    written = write_gguf(source, plan, out, force=settings.force, progress=lambda done, total: progress(label, done, total))
+    written = write_gguf(source, spec, out, force=settings.force, progress=lambda done, total: progress("writing", done, total))
     return WriteResult(written)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lm_eval_layers.errors import PlanError, UsageError
-from lm_eval_layers.plan import LayerPlan
+from lm_eval_layers.plan import LayerPlan, PlanSpec
 
 # llama.cpp families whose loader reads every per-layer property from keys or per-layer arrays and
 # uses the block count only to name the model's size (`type`, a label): checked in load_hparams of
@@ -63,9 +63,10 @@ def gguf_problem(reader: Any, plan: LayerPlan) -> str | None:
     return None
 
 
-def write_gguf(source: Path, plan: LayerPlan, out: Path, *, force: bool = False,
+def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bool = False,
                progress: Callable[[int, int], None] = lambda done, total: None) -> WrittenGGUF:
-    """Write `plan`'s variant of the GGUF file `source` to the GGUF file `out` (atomically)."""
+    """Write `plan`'s variant of the GGUF file `source` to the GGUF file `out` (atomically); a
+    `PlanSpec` is resolved against the file's block count (its header is read once: seconds)."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
@@ -73,6 +74,8 @@ def write_gguf(source: Path, plan: LayerPlan, out: Path, *, force: bool = False,
     reader = GGUFReader(str(source))
     arch = _arch(reader)
     depth = int(reader.fields[f"{arch}.block_count"].contents())
+    if isinstance(plan, PlanSpec):
+        plan = plan.resolve(depth)
     if depth != plan.num_layers:
         raise PlanError(f"the plan is for {plan.num_layers} blocks but {source} has {depth}")
     problem = gguf_problem(reader, plan)

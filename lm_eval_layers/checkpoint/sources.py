@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from lm_eval_layers.arch import Layout, layout_for
-from lm_eval_layers.default_model import ALIAS, smollm2_gguf
+from lm_eval_layers.default_model import ALIAS, gguf_path, smollm2_gguf
 from lm_eval_layers.errors import UsageError
 from lm_eval_layers.checkpoint.safetensors_io import DTYPES, RawBytes, nbytes, read_header, read_tensor
 from lm_eval_layers.compat.gguf_names import GGUFNames
@@ -204,17 +204,6 @@ def open_model(model: str) -> Source:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UsageError(f"no model folder at {model}; give a local folder, a .gguf file, a hub id or '{ALIAS}'")
     return SafetensorsFolder(_download(model), name=model)
-
-
-def gguf_path(model: str) -> Path | None:
-    """The GGUF file MODEL names (the alias included), or None for other inputs."""
-    if model.lower() == ALIAS:
-        try:
-            return smollm2_gguf()
-        except FileNotFoundError:
-            return None
-    path = Path(model).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def header_depth(model: str) -> int | None:
