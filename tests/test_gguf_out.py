@@ -122,3 +122,20 @@ def test_what_gguf_output_cannot_write_is_one_error_line_and_nothing_written(tmp
     assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf", "tiny-gemma2.gguf"]
     assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+
+
+def test_the_fast_header_reader_agrees_with_gguf_py():
+    """`gguf_header.read_header` (byte spans) against gguf-py's reader on the embedded file: every
+    field's key and scalar value, every tensor's name, dims, type, offset and size."""
+    from lm_eval_layers.checkpoint.gguf_header import read_header
+
+    path = smollm2_gguf()
+    ours, theirs = read_header(path), GGUFReader(str(path))
+    assert list(ours.fields) == [k for k in theirs.fields if not k.startswith("GGUF.")]
+    for key, field in ours.fields.items():
+        if field.kind != 9 or field.element != 8:  # arrays of strings are not decoded
+            assert field.value() == theirs.fields[key].contents(), key
+    assert ours.alignment == theirs.alignment and ours.data_start == theirs.data_offset
+    assert [(t.name, t.dims, t.kind, t.nbytes) for t in ours.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes)) for t in theirs.tensors]
+    assert [ours.data_start + t.offset for t in ours.tensors] == [int(t.data_offset) for t in theirs.tensors]

@@ -18,14 +18,17 @@ families whose loader derives nothing from them are written; any other is refuse
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from lm_eval_layers.checkpoint.gguf_header import ARRAY, MAGIC, STRING, Field, Header, Tensor, encode_field, encode_string, read_header
 from lm_eval_layers.errors import PlanError, UsageError
 from lm_eval_layers.plan import LayerPlan, PlanSpec
 
@@ -36,6 +39,7 @@ FAMILIES = ("llama", "qwen2")
 PLAN_KEY = "lm_eval_layers.layer_plan"  # the plan written into the file (JSON), so it says what was done
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _OUTPUTS = {"attn": ("attn_output.weight", "attn_output.bias"), "mlp": ("ffn_down.weight", "ffn_down.bias")}
+F32 = 0  # GGML type of float32
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,8 @@ class WrittenGGUF:
     max_logit_diff: None = None  # as `Written`: GGUF output is not reloaded to compare
 
 
-def gguf_problem(reader: Any, plan: LayerPlan) -> str | None:
-    """Why this plan cannot be written as GGUF for this file, or None."""
-    arch = _arch(reader)
+def gguf_problem(arch: str, plan: LayerPlan) -> str | None:
+    """Why this plan cannot be written as GGUF for a file of this llama.cpp family, or None."""
     if arch not in FAMILIES:
         return (f"GGUF output supports {', '.join(FAMILIES)} (llama.cpp derives no behaviour of theirs from a block's "
                 f"index or count); {arch} is not one of them: write safetensors (an --out folder) instead")
@@ -66,79 +69,46 @@ def gguf_problem(reader: Any, plan: LayerPlan) -> str | None:
 def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bool = False,
                progress: Callable[[int, int], None] = lambda done, total: None) -> WrittenGGUF:
     """Write `plan`'s variant of the GGUF file `source` to the GGUF file `out` (atomically); a
-    `PlanSpec` is resolved against the file's block count (its header is read once: seconds)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-
+    `PlanSpec` is resolved against the file's block count."""
     start = time.perf_counter()
-    reader = GGUFReader(str(source))
-    arch = _arch(reader)
-    depth = int(reader.fields[f"{arch}.block_count"].contents())
+    header = read_header(source)
+    arch = str(header.get("general.architecture"))
+    depth = int(header.get(f"{arch}.block_count"))
     if isinstance(plan, PlanSpec):
         plan = plan.resolve(depth)
     if depth != plan.num_layers:
         raise PlanError(f"the plan is for {plan.num_layers} blocks but {source} has {depth}")
-    problem = gguf_problem(reader, plan)
+    problem = gguf_problem(arch, plan)
     if problem:
         raise UsageError(problem)
-    blocks: dict[int, list[Any]] = {}
-    others_before, others_after = [], []
-    for t in reader.tensors:
-        m = _BLOCK.match(t.name)
-        if m:
-            blocks.setdefault(int(m.group(1)), []).append(t)
-        else:
-            (others_after if blocks else others_before).append(t)
+    fields = [_field(key, field, arch, depth, plan) for key, field in header.fields.items() if key != PLAN_KEY]
+    plan_text = json.dumps(plan.to_dict()).encode("utf-8")
+    fields.append(encode_string(PLAN_KEY) + struct.pack("<IQ", STRING, len(plan_text)) + plan_text)
+    planned, zeroed = _planned_tensors(header, plan)
 
-    # (name, source tensor or None for F32 zeros of its shape, the tensor it has the shape of)
-    planned: list[tuple[str, Any, bool]] = [(t.name, t, False) for t in others_before]
-    zeroed = []
-    for k, slot in enumerate(plan.slots):
-        gone = {half for half, flag in (("attn", slot.drop_attn or slot.zero_out), ("mlp", slot.drop_mlp or slot.zero_out)) if flag}
-        for t in blocks[slot.source]:
-            rel = _BLOCK.match(t.name).group(2)
-            zero = any(rel in _OUTPUTS[half] for half in gone)
-            planned.append((f"blk.{k}.{rel}", t, zero))
-            if zero:
-                zeroed.append(f"blk.{k}.{rel}")
-    planned += [(t.name, t, False) for t in others_after]
-
+    infos, offset = [], 0
+    for name, t, zero in planned:
+        kind, nbytes = (F32, 4 * _elements(t.dims)) if zero else (t.kind, t.nbytes)
+        infos.append(encode_string(name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, kind, offset))
+        offset += nbytes + (-nbytes) % header.alignment
     out = Path(out).expanduser()
     tmp = Path(tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)[1])
     try:
-        writer = GGUFWriter(str(tmp), arch)
-        writer.data_alignment = reader.alignment
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue  # the writer's own
-            kind = field.types[0]
-            sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
-            value = field.contents()
-            if field.name == f"{arch}.block_count":
-                value = len(plan.slots)
-            elif kind == GGUFValueType.ARRAY and field.name.startswith(f"{arch}.") and len(value) == depth:
-                value = [value[slot.source] for slot in plan.slots]  # a per-layer array follows the plan
-            writer.add_key_value(field.name, value, kind, sub_type=sub)
-        writer.add_key_value(PLAN_KEY, json.dumps(plan.to_dict()), GGUFValueType.STRING)
-        total = 0
-        for name, t, zero in planned:
-            if zero:
-                shape = tuple(reversed([int(d) for d in t.shape]))
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)), GGMLQuantizationType.F32)
-                total += 4 * int(np.prod(shape))
-            else:
-                writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-                total += int(t.data.nbytes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        for name, t, zero in planned:
-            data = np.zeros(tuple(reversed([int(d) for d in t.shape])), dtype=np.float32) if zero else t.data
-            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-            done += int(data.nbytes)
-            progress(done, total)
-        writer.close()
+        with open(tmp, "wb") as f, open(source, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            f.write(MAGIC + struct.pack("<IQQ", header.version, len(planned), len(fields)))
+            f.writelines(fields)
+            f.writelines(infos)
+            f.write(b"\0" * ((-f.tell()) % header.alignment))
+            done = 0
+            for name, t, zero in planned:
+                if zero:
+                    data = bytes(4 * _elements(t.dims))  # F32 zeros
+                else:
+                    data = m[header.data_start + t.offset:header.data_start + t.offset + t.nbytes]
+                f.write(data)
+                f.write(b"\0" * ((-len(data)) % header.alignment))
+                done += len(data)
+                progress(done, offset)
         if out.exists() and not force:
             raise UsageError(f"--out {out} exists; choose another name or pass --force to replace it")
         umask = os.umask(0)
@@ -151,5 +121,44 @@ def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bo
     return WrittenGGUF(out.resolve(), plan, out.stat().st_size, time.perf_counter() - start, zeroed, (out.name,))
 
 
-def _arch(reader: Any) -> str:
-    return str(reader.fields["general.architecture"].contents())
+def _field(key: str, field: Field, arch: str, depth: int, plan: LayerPlan) -> bytes:
+    """A field as written: the block count rewritten, an `{arch}.*` per-layer array following the plan."""
+    if key == f"{arch}.block_count":
+        return encode_field(key, field, len(plan.slots))
+    if field.kind == ARRAY and key.startswith(f"{arch}.") and field.count == depth:
+        try:
+            values = field.value()
+        except ValueError:
+            raise UsageError(f"{key} is a per-layer array of strings, which GGUF output does not rewrite; write safetensors") from None
+        return encode_field(key, field, [values[slot.source] for slot in plan.slots])
+    return encode_field(key, field)
+
+
+def _planned_tensors(header: Header, plan: LayerPlan) -> tuple[list[tuple[str, Tensor, bool]], list[str]]:
+    """(output name, source tensor, written as F32 zeros) in file order, and the zeroed names."""
+    blocks: dict[int, list[Tensor]] = {}
+    before, after = [], []
+    for t in header.tensors:
+        m = _BLOCK.match(t.name)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(t)
+        else:
+            (after if blocks else before).append(t)
+    planned = [(t.name, t, False) for t in before]
+    zeroed = []
+    for k, slot in enumerate(plan.slots):
+        gone = {half for half, flag in (("attn", slot.drop_attn or slot.zero_out), ("mlp", slot.drop_mlp or slot.zero_out)) if flag}
+        for t in blocks[slot.source]:
+            rel = _BLOCK.match(t.name).group(2)
+            zero = any(rel in _OUTPUTS[half] for half in gone)
+            planned.append((f"blk.{k}.{rel}", t, zero))
+            if zero:
+                zeroed.append(f"blk.{k}.{rel}")
+    return planned + [(t.name, t, False) for t in after], zeroed
+
+
+def _elements(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
