@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lm_eval_layers.checkpoint.gguf_header import ARRAY, MAGIC, STRING, Field, Header, Tensor, encode_field, encode_string, read_header
 from lm_eval_layers.errors import PlanError, UsageError
@@ -101,13 +101,13 @@ def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bo
             f.write(b"\0" * ((-f.tell()) % header.alignment))
             done = 0
             for name, t, zero in planned:
+                size = 4 * _elements(t.dims) if zero else t.nbytes
                 if zero:
-                    data = bytes(4 * _elements(t.dims))  # F32 zeros
+                    f.write(bytes(size))  # F32 zeros
                 else:
-                    data = m[header.data_start + t.offset:header.data_start + t.offset + t.nbytes]
-                f.write(data)
-                f.write(b"\0" * ((-len(data)) % header.alignment))
-                done += len(data)
+                    _copy(m, src.fileno(), f, header.data_start + t.offset, size)
+                f.write(b"\0" * ((-size) % header.alignment))
+                done += size
                 progress(done, offset)
         if out.exists() and not force:
             raise UsageError(f"--out {out} exists; choose another name or pass --force to replace it")
@@ -162,3 +162,21 @@ def _elements(dims: tuple[int, ...]) -> int:
     for d in dims:
         n *= d
     return n
+
+
+def _copy(m: mmap.mmap, src: int, f: Any, start: int, size: int) -> None:
+    """`size` bytes of the input from `start` appended to `f`: in the kernel where it can
+    (copy_file_range, as cp does), the rest through the mapping (another filesystem, old kernels)."""
+    if hasattr(os, "copy_file_range"):
+        f.flush()
+        try:
+            while size:
+                copied = os.copy_file_range(src, f.fileno(), size, start)
+                if copied == 0:
+                    break
+                start, size = start + copied, size - copied
+        except OSError:
+            pass
+        f.seek(0, os.SEEK_END)
+    if size:
+        f.write(m[start:start + size])
