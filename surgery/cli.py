@@ -112,6 +112,10 @@ def inspect(
     results.print(f"blocks: {report['num_blocks']}  parameters: {report['parameters']:,}  size: {size}  "
               f"tied embeddings: {report['tied_embeddings']}")
     results.print("layer fields in config: " + ", ".join(f"{k}={v}" for k, v in report["layer_config"].items()))
+    if report.get("gguf_plan"):
+        results.print(f"written by lm-eval-layers: {report['gguf_plan']}")
+    for key, values in report.get("gguf_per_layer", {}).items():
+        results.print(f"{key} (per layer): {values}")
 
 
 def main() -> None:

@@ -65,6 +65,8 @@ def test_a_pruned_gguf_keeps_its_bytes_and_metadata_and_computes_the_plan(tmp_pa
     with apply_plan(source_model, PlanSpec.from_args(drop="20-23").resolve(30)):
         expected = source_model(IDS).logits
     assert torch.equal(_load(out)(IDS).logits, expected)  # exact: the same bytes through the same loader
+    inspected = CliRunner().invoke(app, ["inspect", str(out), "--json"])
+    assert json.loads(inspected.stdout)["gguf_plan"] == "30 -> 26 blocks: drop blocks 20-23"
 
 
 def test_a_copy_zero_block_is_written_as_f32_zeros_and_is_the_identity(tmp_path, source_model):

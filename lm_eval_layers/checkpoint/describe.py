@@ -54,4 +54,23 @@ def describe(source: Source) -> dict[str, Any]:
         kinds = Counter(kind for kind, _ in source.stored.values())
         report["stored_types"] = dict(kinds.most_common())
         report["stored_bytes"] = sum(size for _, size in source.stored.values())
+        report.update(_gguf_layers(source.path))
     return report
+
+
+def _gguf_layers(path: Any) -> dict[str, Any]:
+    """A GGUF file's per-layer metadata (every `{arch}.*` array as long as its block count) and
+    the plan this tool wrote into it, if any (`gguf_out.PLAN_KEY`)."""
+    import json
+
+    from lm_eval_layers.checkpoint.gguf_header import ARRAY, read_header
+    from lm_eval_layers.checkpoint.gguf_out import PLAN_KEY
+    from lm_eval_layers.plan import LayerPlan
+
+    header = read_header(path)
+    arch = header.get("general.architecture")
+    depth = header.get(f"{arch}.block_count")
+    per_layer = {key: f.value() for key, f in header.fields.items()
+                 if f.kind == ARRAY and key.startswith(f"{arch}.") and f.count == depth and f.element != 8}
+    plan = LayerPlan.from_dict(json.loads(header.get(PLAN_KEY))).describe() if PLAN_KEY in header.fields else None
+    return {"gguf_per_layer": per_layer, "gguf_plan": plan}
