@@ -143,18 +143,18 @@ def test_the_fast_header_reader_agrees_with_gguf_py():
     assert [ours.data_start + t.offset for t in ours.tensors] == [int(t.data_offset) for t in theirs.tensors]
 
 
-def _tiny_qwen2(path: Path) -> Path:
-    """A 4-block qwen2-layout GGUF in several storage types (Q8_0, Q4_0, Q4_1, Q5_0, F16, F32)
+def _tiny_qwen(path: Path, arch: str) -> Path:
+    """A 4-block qwen2/qwen3-layout GGUF in several storage types (Q8_0, Q4_0, Q4_1, Q5_0, F16, F32)
     with a per-layer array, written with gguf-py."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
     rng = np.random.default_rng(0)
-    writer = GGUFWriter(str(path), "qwen2")
+    writer = GGUFWriter(str(path), arch)
     writer.add_block_count(4)
-    writer.add_key_value("qwen2.embedding_length", 64, GGUFValueType.UINT32)
-    writer.add_key_value("qwen2.attention.head_count_kv", [1, 2, 3, 4], GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
-    writer.add_key_value("qwen2.attention.sliding_window_pattern", [True, False, True, False], GGUFValueType.ARRAY,
+    writer.add_key_value(f"{arch}.embedding_length", 64, GGUFValueType.UINT32)
+    writer.add_key_value(f"{arch}.attention.head_count_kv", [1, 2, 3, 4], GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
+    writer.add_key_value(f"{arch}.attention.sliding_window_pattern", [True, False, True, False], GGUFValueType.ARRAY,
                          sub_type=GGUFValueType.BOOL)
     writer.add_tensor("token_embd.weight", rng.standard_normal((16, 64)).astype(np.float16))
     kinds = {"attn_q.weight": Q.Q8_0, "attn_output.weight": Q.Q4_0, "ffn_up.weight": Q.Q4_1, "ffn_down.weight": Q.Q5_0}
@@ -171,18 +171,19 @@ def _tiny_qwen2(path: Path) -> Path:
     return path
 
 
-def test_quantised_blocks_keep_their_types_and_per_layer_arrays_follow_the_plan(tmp_path):
-    """A qwen2 file: drop 1 and copy block 3 after block 0 (a reorder of the stored bytes);
-    every stored type is copied byte for byte, every array as long as the depth follows the plan."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_quantised_blocks_keep_their_types_and_per_layer_arrays_follow_the_plan(tmp_path, arch):
+    """A qwen2 / qwen3 file: drop 1 and copy block 0 after block 0; every stored type is copied
+    byte for byte, every array as long as the depth follows the plan."""
     from lm_eval_layers.checkpoint.gguf_out import write_gguf
 
-    source = _tiny_qwen2(tmp_path / "tiny.gguf")
+    source = _tiny_qwen(tmp_path / "tiny.gguf", arch)
     plan = PlanSpec.from_args(drop="1", insert="0:copy").resolve(4)  # blocks 0, copy of 0, 2, 3
     written = write_gguf(source, plan, tmp_path / "out.gguf")
     src, got = GGUFReader(str(source)), GGUFReader(str(written.out))
-    assert int(got.fields["qwen2.block_count"].contents()) == 4
-    assert got.fields["qwen2.attention.head_count_kv"].contents() == [1, 1, 3, 4]
-    assert got.fields["qwen2.attention.sliding_window_pattern"].contents() == [True, True, True, False]
+    assert int(got.fields[f"{arch}.block_count"].contents()) == 4
+    assert got.fields[f"{arch}.attention.head_count_kv"].contents() == [1, 1, 3, 4]
+    assert got.fields[f"{arch}.attention.sliding_window_pattern"].contents() == [True, True, True, False]
     by_name = {t.name: t for t in src.tensors}
     origin = {0: 0, 1: 0, 2: 2, 3: 3}
     for t in got.tensors:

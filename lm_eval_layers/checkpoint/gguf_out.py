@@ -34,8 +34,8 @@ from lm_eval_layers.plan import LayerPlan, PlanSpec
 
 # llama.cpp families whose loader reads every per-layer property from keys or per-layer arrays and
 # uses the block count only to name the model's size (`type`, a label): checked in load_hparams of
-# llama.cpp's llama-model.cpp for these two; any other family is refused until it is checked.
-FAMILIES = ("llama", "qwen2")
+# llama.cpp's llama-model.cpp for these three; any other family is refused until it is checked.
+FAMILIES = ("llama", "qwen2", "qwen3")
 PLAN_KEY = "lm_eval_layers.layer_plan"  # the plan written into the file (JSON), so it says what was done
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _OUTPUTS = {"attn": ("attn_output.weight", "attn_output.bias"), "mlp": ("ffn_down.weight", "ffn_down.bias")}
