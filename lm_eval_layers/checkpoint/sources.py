@@ -164,10 +164,10 @@ def source_layout(source: Source) -> Layout:
 
 def source_meta(source: Source) -> torch.nn.Module:
     """The source's weightless model, built once per source."""
-    meta = getattr(source, "_meta_model", None)
+    meta = getattr(source, "_lm_eval_layers_meta", None)
     if meta is None:
         meta = meta_model(source.hf_config)
-        source._meta_model = meta  # type: ignore[attr-defined]
+        source._lm_eval_layers_meta = meta  # type: ignore[attr-defined]
     return meta
 
 
