@@ -73,10 +73,10 @@ def check_sources(local_names: list[str]) -> None:
     the local folder exists, or the hub is not switched off. A missing folder otherwise fails after
     the model has loaded, and an offline hub after lm-eval's retries (minutes)."""
     root = os.environ.get(ENV)
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in _OFF]
     for name in local_names:
         if root and not (Path(root) / name).is_dir():
             raise DataError(f"{ENV}={root} has no folder {name!r}; add it (<name>/<split>.jsonl) or unset {ENV} to load from the hub")
-        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in _OFF]
         if not root and offline:
             raise DataError(f"the {name} data needs {ENV} (a folder of <name>/<split>.jsonl, e.g. the repository's "
                             f"../shared/data) or the hub, which {offline[0]}=1 switches off; set {ENV}")

@@ -6,6 +6,7 @@ endian) that gguf-py's `GGUFReader` and `GGUFWriter` also implement."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -87,10 +88,7 @@ def read_header(path: Path) -> Header:
             kind, offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-            elements = 1
-            for d in dims:
-                elements *= d
-            tensors.append(Tensor(name, tuple(dims), kind, offset, elements // block * size))
+            tensors.append(Tensor(name, tuple(dims), kind, offset, math.prod(dims) // block * size))
     alignment = fields["general.alignment"].value() if "general.alignment" in fields else 32
     return Header(Path(path), version, fields, tensors, alignment, _aligned(pos, alignment))
 

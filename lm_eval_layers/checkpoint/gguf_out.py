@@ -18,6 +18,7 @@ families whose loader derives nothing from them are written; any other is refuse
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -88,7 +89,7 @@ def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bo
 
     infos, offset = [], 0
     for name, t, zero in planned:
-        kind, nbytes = (F32, 4 * _elements(t.dims)) if zero else (t.kind, t.nbytes)
+        kind, nbytes = (F32, 4 * math.prod(t.dims)) if zero else (t.kind, t.nbytes)
         infos.append(encode_string(name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, kind, offset))
         offset += nbytes + (-nbytes) % header.alignment
     out = Path(out).expanduser()
@@ -101,7 +102,7 @@ def write_gguf(source: Path, plan: LayerPlan | PlanSpec, out: Path, *, force: bo
             f.write(b"\0" * ((-f.tell()) % header.alignment))
             done = 0
             for name, t, zero in planned:
-                size = 4 * _elements(t.dims) if zero else t.nbytes
+                size = 4 * math.prod(t.dims) if zero else t.nbytes
                 if zero:
                     f.write(bytes(size))  # F32 zeros
                 else:
@@ -155,13 +156,6 @@ def _planned_tensors(header: Header, plan: LayerPlan) -> tuple[list[tuple[str, T
             if zero:
                 zeroed.append(f"blk.{k}.{rel}")
     return planned + [(t.name, t, False) for t in after], zeroed
-
-
-def _elements(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 def _copy(m: mmap.mmap, src: int, f: Any, start: int, size: int) -> None:
